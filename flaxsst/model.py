@@ -1,0 +1,210 @@
+"""DistilBERT in Flax linen, parameter tree named like Hugging Face's state dict.
+
+``distilbert/transformer/layer/3/attention/q_lin/kernel`` here is
+``distilbert.transformer.layer.3.attention.q_lin.weight`` (transposed) there, so
+conversion is a rename plus a transpose (see ``flaxsst.convert``).
+
+Numerics follow ``transformers.DistilBertModel``: post-LayerNorm blocks with eps
+``config.layer_norm_eps`` (1e-12), exact erf GELU, queries scaled by
+``1/sqrt(head_dim)`` before the product. Matmuls run in ``config.dtype``; softmax,
+LayerNorm statistics and logits run in float32, and masking uses ``where`` so it
+is safe in float16/bfloat16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxsst.config import ModelConfig
+
+
+def sinusoidal_position_table(n_pos: int, dim: int) -> np.ndarray:
+    """HF's ``create_sinusoidal_embeddings``: ``[n_pos, dim]`` float32."""
+    position = np.arange(n_pos, dtype=np.float64)[:, None]
+    j = np.arange(dim, dtype=np.float64)[None, :]
+    angles = position / np.power(10000.0, 2 * (j // 2) / dim)
+    table = np.empty((n_pos, dim), dtype=np.float64)
+    table[:, 0::2] = np.sin(angles[:, 0::2])
+    table[:, 1::2] = np.cos(angles[:, 1::2])
+    return table.astype(np.float32)
+
+
+def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        name=name,
+    )
+
+
+def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+    # Exact two-pass variance: E[x^2]-E[x]^2 drifts by ~1e-5 from PyTorch's LayerNorm.
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+class Embeddings(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, deterministic: bool) -> jax.Array:
+        """``input_ids [batch, seq]`` -> ``[batch, seq, dim]``."""
+        config = self.config
+        init = nn.initializers.normal(config.initializer_range)
+        words = nn.Embed(
+            config.vocab_size, config.dim, dtype=config.dtype,
+            param_dtype=config.param_dtype, embedding_init=init, name="word_embeddings",
+        )(input_ids)
+        seq_len = input_ids.shape[-1]
+        if seq_len > config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_position_embeddings="
+                f"{config.max_position_embeddings}; truncate inputs to at most that"
+            )
+        if config.sinusoidal_pos_embds:
+            positions = jnp.asarray(
+                sinusoidal_position_table(config.max_position_embeddings, config.dim)[:seq_len],
+                dtype=config.dtype,
+            )
+        else:
+            positions = nn.Embed(
+                config.max_position_embeddings, config.dim, dtype=config.dtype,
+                param_dtype=config.param_dtype, embedding_init=init, name="position_embeddings",
+            )(jnp.arange(seq_len))
+        hidden = _layer_norm(config, "LayerNorm")(words + positions[None])
+        return nn.Dropout(config.dropout)(hidden, deterministic=deterministic)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
+        """``hidden [batch, seq, dim]``, ``attention_mask [batch, seq]`` (1 = token) -> ``[batch, seq, dim]``."""
+        config = self.config
+        batch, seq_len, _ = hidden.shape
+        head_dim = config.dim // config.n_heads
+
+        def heads(name: str) -> jax.Array:
+            return _dense(config, config.dim, name)(hidden).reshape(batch, seq_len, config.n_heads, head_dim)
+
+        query = heads("q_lin") / jnp.asarray(math.sqrt(head_dim), config.dtype)
+        key = heads("k_lin")
+        value = heads("v_lin")
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+        keep = attention_mask[:, None, None, :].astype(bool)
+        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(config.dtype)
+        weights = nn.Dropout(config.attention_dropout)(weights, deterministic=deterministic)
+        context = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, seq_len, config.dim)
+        return _dense(config, config.dim, "out_lin")(context)
+
+
+class FFN(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, deterministic: bool) -> jax.Array:
+        config = self.config
+        hidden = _dense(config, config.hidden_dim, "lin1")(hidden)
+        if config.activation == "gelu":
+            hidden = nn.gelu(hidden, approximate=False)
+        else:
+            hidden = nn.relu(hidden)
+        hidden = _dense(config, config.dim, "lin2")(hidden)
+        return nn.Dropout(config.dropout)(hidden, deterministic=deterministic)
+
+
+class TransformerBlock(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
+        attended = MultiHeadSelfAttention(self.config, name="attention")(hidden, attention_mask, deterministic)
+        hidden = _layer_norm(self.config, "sa_layer_norm")(attended + hidden)
+        transformed = FFN(self.config, name="ffn")(hidden, deterministic)
+        return _layer_norm(self.config, "output_layer_norm")(transformed + hidden)
+
+
+class TransformerLayers(nn.Module):
+    """The ``layer`` list: blocks named ``0`` .. ``n_layers-1`` as in the HF state dict."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
+        for index in range(self.config.n_layers):
+            hidden = TransformerBlock(self.config, name=str(index))(hidden, attention_mask, deterministic)
+        return hidden
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
+        return TransformerLayers(self.config, name="layer")(hidden, attention_mask, deterministic)
+
+
+class DistilBertModel(nn.Module):
+    """The encoder: ``input_ids, attention_mask [batch, seq]`` -> hidden states ``[batch, seq, dim]``."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        hidden = Embeddings(self.config, name="embeddings")(input_ids, deterministic)
+        return Transformer(self.config, name="transformer")(hidden, attention_mask, deterministic)
+
+
+class DistilBertForSequenceClassification(nn.Module):
+    """Encoder + ``pre_classifier`` + ReLU + dropout + ``classifier`` on the [CLS] vector.
+
+    ``input_ids, attention_mask [batch, seq]`` -> float32 logits ``[batch, num_labels]``.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        config = self.config
+        hidden = DistilBertModel(config, name="distilbert")(input_ids, attention_mask, deterministic)
+        pooled = _dense(config, config.dim, "pre_classifier")(hidden[:, 0])
+        pooled = nn.relu(pooled)
+        pooled = nn.Dropout(config.seq_classif_dropout)(pooled, deterministic=deterministic)
+        logits = _dense(config, config.num_labels, "classifier")(pooled)
+        return logits.astype(jnp.float32)
+
+
+def init_params(config: ModelConfig, rng: jax.Array | int = 0) -> dict:
+    """Freshly initialised parameters of ``DistilBertForSequenceClassification`` (HF's init scheme)."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    return jax.jit(
+        lambda key: DistilBertForSequenceClassification(config).init(key, dummy, jnp.ones_like(dummy))
+    )(rng)["params"]

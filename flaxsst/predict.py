@@ -1,0 +1,200 @@
+"""``Classifier``: texts in, Hugging Face pipeline-style predictions out.
+
+>>> clf = Classifier.from_pretrained("distilbert-base-uncased-finetuned-sst-2-english")
+>>> clf(["Today was an amazing day!"])
+[{'label': 'POSITIVE', 'score': 0.9998...}]
+
+Inputs are sorted by length, cut into batches, and each batch is padded to the
+smallest of a few lengths (powers of two up to ``max_length``) and a power-of-two
+row count, so repeated calls reuse a handful of compiled programs. Results come
+back in input order.
+
+Command line: ``python -m flaxsst.predict --model DIR_OR_HUB_ID`` reads JSON
+``{"input_data": [...]}`` or one text per line on stdin and prints the JSON list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxsst.config import ModelConfig, parse_dtype
+from flaxsst.model import DistilBertForSequenceClassification
+from flaxsst.tokenizer import Tokenizer
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, so a second process skips compiles
+    (``FLAXSST_COMPILATION_CACHE=0`` turns it off; ``FLAXSST_CACHE_DIR`` moves it)."""
+    if os.environ.get("FLAXSST_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    cache_dir = os.environ.get("FLAXSST_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "flaxsst", "jax"))
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` up to ``max_length``, and ``max_length`` itself."""
+    buckets = []
+    length = smallest
+    while length < max_length:
+        buckets.append(length)
+        length *= 2
+    buckets.append(max_length)
+    return tuple(buckets)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    for bucket in buckets:
+        if length <= bucket:
+            return bucket
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def validate_texts(texts: Any) -> list[str]:
+    """A string is a list of one; every item must be a string (``TypeError`` names the first that is not)."""
+    if isinstance(texts, str):
+        return [texts]
+    if texts is None or not hasattr(texts, "__iter__"):
+        raise TypeError(f"expected a string or a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"input {index} is {type(text).__name__}, expected str")
+    return texts
+
+
+class Classifier:
+    """Sequence classification with a flaxsst DistilBERT.
+
+    ``clf(texts)`` -> ``[{"label": ..., "score": ...}, ...]``; ``clf.logits(texts)`` ->
+    float32 ``[n, num_labels]``.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: dict,
+        tokenizer: Tokenizer,
+        *,
+        batch_size: int = 128,
+        max_length: int = 128,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if not 2 <= max_length <= config.max_position_embeddings:
+            raise ValueError(f"max_length={max_length} must lie in [2, {config.max_position_embeddings}]")
+        enable_compilation_cache()
+        self.config = config
+        self.params = jax.device_put(params)
+        self.tokenizer = Tokenizer(tokenizer.backend, max_length, tokenizer.lowercase)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.buckets = length_buckets(max_length)
+        model = DistilBertForSequenceClassification(config)
+        self._forward = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask, deterministic=True))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: Any = jnp.float32,
+        batch_size: int = 128,
+        max_length: int = 128,
+        **hub_kwargs: Any,
+    ) -> "Classifier":
+        """From a HF folder or hub id holding weights, ``config.json`` and tokenizer files."""
+        from flaxsst.convert import load_pretrained, resolve_model_dir
+
+        folder = resolve_model_dir(name_or_path, **hub_kwargs)
+        config, params = load_pretrained(folder, dtype=parse_dtype(dtype))
+        tokenizer = Tokenizer.from_pretrained(folder, max_length)
+        return cls(config, params, tokenizer, batch_size=batch_size, max_length=max_length)
+
+    def _row_count(self, n: int) -> int:
+        rows = 1
+        while rows < n:
+            rows *= 2
+        return min(rows, self.batch_size)
+
+    def logits(self, texts: Sequence[str] | str) -> np.ndarray:
+        """float32 logits ``[len(texts), num_labels]``, in input order."""
+        texts = validate_texts(texts)
+        out = np.zeros((len(texts), self.config.num_labels), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.tokenizer.encode(texts)
+        order = np.argsort([len(seq) for seq in ids], kind="stable")
+        pending = []
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            length = bucket_for(max(len(ids[i]) for i in chunk), self.buckets)
+            rows = self._row_count(len(chunk))
+            input_ids, mask = self.tokenizer.pad([ids[i] for i in chunk] + [[]] * (rows - len(chunk)), length)
+            pending.append((chunk, self._forward(self.params, input_ids, mask)))
+        for chunk, logits in pending:
+            out[chunk] = np.asarray(logits)[: len(chunk)]
+        return out
+
+    def __call__(self, texts: Sequence[str] | str) -> list[dict[str, Any]]:
+        """``[{"label": "POSITIVE", "score": 0.9998}, ...]``, one per text, in input order."""
+        logits = self.logits(texts).astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        best = probs.argmax(axis=-1)
+        return [
+            {"label": self.config.id2label[int(label)], "score": float(probs[row, label])}
+            for row, label in enumerate(best)
+        ]
+
+
+def read_request(raw: str) -> list[str]:
+    """JSON ``{"input_data": [...]}`` (the model card's endpoint format), or one text per line."""
+    if raw.lstrip().startswith("{"):
+        try:
+            request = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"stdin starts with '{{' but is not valid JSON: {e}") from None
+        if not isinstance(request, dict) or "input_data" not in request:
+            raise ValueError(f'JSON input must be {{"input_data": [...]}}; got keys {sorted(request)}')
+        return validate_texts(request["input_data"])
+    return raw.splitlines()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxsst.predict",
+        description='Classify texts: JSON {"input_data": [...]} or one text per line on stdin -> JSON list on stdout.',
+    )
+    parser.add_argument("--model", required=True, help="HF folder or hub id")
+    parser.add_argument("--input", help="read this file instead of stdin")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    args = parser.parse_args(argv)
+    if args.input:
+        with open(args.input, encoding="utf-8") as f:
+            raw = f.read()
+    else:
+        raw = sys.stdin.read()
+    try:
+        texts = read_request(raw)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    clf = Classifier.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
+    json.dump(clf(texts), sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

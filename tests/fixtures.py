@@ -1,0 +1,72 @@
+"""Builders for test inputs: tiny models saved by transformers, a small vocabulary, sentences."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+WORDS = (
+    "the a an and of to is was it this that film movie story good great fine amazing wonderful "
+    "bad awful boring dull terrible day today not very funny sad love hate best worst series "
+    "events unfortunate charming often affecting journey bleak desperate ! . , ' ? - s"
+).split()
+
+
+def make_vocab(path: Path) -> Path:
+    """``[PAD] [UNK] [CLS] [SEP] [MASK]``, the words above, single letters and ``##`` pieces."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + letters + [f"##{c}" for c in letters]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{t}\n" for t in dict.fromkeys(tokens)), encoding="utf-8")
+    return path
+
+
+def tiny_hf_config(vocab_size: int, **kwargs):
+    import transformers
+
+    defaults = dict(
+        vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
+    defaults.update(kwargs)
+    return transformers.DistilBertConfig(**defaults)
+
+
+def tiny_hf_folder(out: Path, vocab_file: Path, seed: int = 0, **config_kwargs) -> Path:
+    """``save_pretrained`` of a random tiny HF DistilBERT classifier, plus tokenizer files."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    vocab_size = len(vocab_file.read_text(encoding="utf-8").splitlines())
+    model = transformers.DistilBertForSequenceClassification(tiny_hf_config(vocab_size, **config_kwargs)).eval()
+    model.save_pretrained(out)
+    shutil.copy(vocab_file, out / "vocab.txt")
+    transformers.DistilBertTokenizerFast.from_pretrained(out).save_pretrained(out)
+    return out
+
+
+def sentences() -> list[str]:
+    """SST-2-like sentences of varied length (padded batches have real masking to do)."""
+    return [
+        "it 's a charming and often affecting journey . ",
+        "unflinchingly bleak and desperate ",
+        "the film was great",
+        "a",
+        "this is the worst , most boring movie of the series , and not funny at all ! " * 2,
+        "today was an amazing day !",
+    ]
+
+
+def random_ids(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids with [CLS]=101-style first token and right padding of random length per row."""
+    ids = rng.integers(5, vocab, size=(batch, seq)).astype(np.int64)
+    mask = np.zeros((batch, seq), dtype=np.int64)
+    lengths = rng.integers(2, seq + 1, size=batch)
+    lengths[0] = seq
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+        ids[row, length:] = 0
+    return ids, mask

@@ -1,0 +1,151 @@
+"""The Flax model against transformers' PyTorch DistilBERT / BERT with the same weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from flaxsst.config import ModelConfig
+from flaxsst.convert import config_from_hf, load_pretrained, state_dict_to_params, tree_paths
+from flaxsst.model import DistilBertForSequenceClassification, DistilBertModel, init_params
+from tests.fixtures import random_ids
+
+
+def _torch_state(model) -> dict:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def _hf_logits(model, ids, mask) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+
+
+def _flax_logits(config, params, ids, mask) -> np.ndarray:
+    return np.asarray(DistilBertForSequenceClassification(config).apply({"params": params}, ids, mask, deterministic=True))
+
+
+@pytest.mark.parametrize(
+    "hf_kwargs",
+    [
+        pytest.param({}, id="full-size-768-6-12-3072"),
+        pytest.param(dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64), id="tiny"),
+        pytest.param(dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, activation="relu"), id="tiny-relu"),
+        pytest.param(dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, sinusoidal_pos_embds=True), id="tiny-sinusoidal"),
+        pytest.param(dict(dim=48, n_layers=1, n_heads=3, hidden_dim=96, num_labels=5), id="tiny-5-labels"),
+    ],
+)
+def test_classifier_logits_equal_transformers_on_padded_batch(hf_kwargs):
+    torch.manual_seed(1)
+    hf_config = transformers.DistilBertConfig(**hf_kwargs)
+    reference = transformers.DistilBertForSequenceClassification(hf_config).eval()
+    config, family = config_from_hf(hf_config.to_dict())
+    params, _ = state_dict_to_params(_torch_state(reference), config, family)
+    ids, mask = random_ids(np.random.default_rng(0), batch=6, seq=40, vocab=hf_config.vocab_size)
+    got = _flax_logits(config, params, ids, mask)
+    assert got.dtype == np.float32 and got.shape == (6, config.num_labels)
+    np.testing.assert_allclose(got, _hf_logits(reference, ids, mask), atol=1e-4, rtol=0)
+
+
+def test_encoder_hidden_states_equal_transformers_distilbert_model():
+    torch.manual_seed(2)
+    hf_config = transformers.DistilBertConfig(dim=64, n_layers=3, n_heads=4, hidden_dim=128)
+    reference = transformers.DistilBertModel(hf_config).eval()
+    config, family = config_from_hf(hf_config.to_dict())
+    params, report = state_dict_to_params(_torch_state(reference), config, family)
+    assert report.initialized == ["pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"]
+    ids, mask = random_ids(np.random.default_rng(1), batch=5, seq=33, vocab=hf_config.vocab_size)
+    hidden = DistilBertModel(config).apply({"params": params["distilbert"]}, ids, mask, deterministic=True)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).last_hidden_state.numpy()
+    assert hidden.shape == (5, 33, 64)
+    np.testing.assert_allclose(np.asarray(hidden), expected, atol=1e-4, rtol=0)
+
+
+def _bert_hidden(reference, ids, mask) -> np.ndarray:
+    with torch.no_grad():
+        return reference(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).last_hidden_state.numpy()
+
+
+@pytest.mark.parametrize("prefixed", [False, True], ids=["BertModel-keys", "bert.-prefixed-keys"])
+def test_bert_family_encoder_equals_transformers_bert_model(prefixed):
+    """MiniLM-L6 shape (384/6/12/1536), random weights, token_type_embeddings non-zero."""
+    torch.manual_seed(3)
+    hf_config = transformers.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    reference = transformers.BertModel(hf_config).eval()
+    with torch.no_grad():
+        reference.embeddings.token_type_embeddings.weight.normal_(0, 0.5)
+    state = _torch_state(reference)
+    if prefixed:
+        state = {f"bert.{k}": v for k, v in state.items()}
+    config, family = config_from_hf(hf_config.to_dict())
+    params, report = state_dict_to_params(state, config, family)
+    assert family == "bert" and report.folded
+    ids, mask = random_ids(np.random.default_rng(2), batch=4, seq=50, vocab=hf_config.vocab_size)
+    hidden = DistilBertModel(config).apply({"params": params["distilbert"]}, ids, mask, deterministic=True)
+    np.testing.assert_allclose(np.asarray(hidden), _bert_hidden(reference, ids, mask), atol=1e-4, rtol=0)
+
+
+def test_real_pretrained_minilm_equals_transformers(test_data):
+    folder = test_data / "minilm-l6"
+    reference = transformers.BertModel.from_pretrained(folder, dtype=torch.float32).eval()
+    config, params = load_pretrained(folder)
+    assert params["distilbert"]["embeddings"]["word_embeddings"]["embedding"].dtype == jnp.float32
+    from flaxsst.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(folder, max_length=64)
+    texts = ["it 's a charming and often affecting journey . ", "unflinchingly bleak and desperate ", "a"]
+    input_ids, mask = tok.pad(tok.encode(texts), 64)
+    hidden = DistilBertModel(config).apply({"params": params["distilbert"]}, input_ids, mask, deterministic=True)
+    np.testing.assert_allclose(np.asarray(hidden), _bert_hidden(reference, input_ids, mask), atol=1e-4, rtol=0)
+
+
+def test_parameter_tree_is_named_like_the_hf_state_dict():
+    config = ModelConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=100, max_position_embeddings=16)
+    paths = set(tree_paths(init_params(config)))
+    for expected in [
+        "distilbert/embeddings/word_embeddings/embedding",
+        "distilbert/embeddings/position_embeddings/embedding",
+        "distilbert/embeddings/LayerNorm/scale",
+        "distilbert/transformer/layer/0/attention/q_lin/kernel",
+        "distilbert/transformer/layer/1/attention/out_lin/bias",
+        "distilbert/transformer/layer/1/sa_layer_norm/scale",
+        "distilbert/transformer/layer/0/ffn/lin1/kernel",
+        "distilbert/transformer/layer/0/ffn/lin2/bias",
+        "distilbert/transformer/layer/1/output_layer_norm/bias",
+        "pre_classifier/kernel",
+        "classifier/bias",
+    ]:
+        assert expected in paths
+    assert len(paths) == 4 + 16 * 2 + 4
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_compute_masks_safely_and_stays_close_to_fp32(dtype):
+    torch.manual_seed(4)
+    hf_config = transformers.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128)
+    reference = transformers.DistilBertForSequenceClassification(hf_config).eval()
+    config, family = config_from_hf(hf_config.to_dict())
+    params, _ = state_dict_to_params(_torch_state(reference), config, family)
+    ids, mask = random_ids(np.random.default_rng(3), batch=6, seq=40, vocab=hf_config.vocab_size)
+    mask[1, 1:] = 0  # a row that is all padding but [CLS]
+    half = _flax_logits(config.replace(dtype=dtype), params, ids, mask)
+    assert half.dtype == np.float32 and np.isfinite(half).all()
+    np.testing.assert_allclose(half, _hf_logits(reference, ids, mask), atol=5e-2, rtol=0)
+
+
+def test_param_dtype_sets_storage_and_dtype_sets_compute():
+    config = ModelConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=64, vocab_size=50, max_position_embeddings=16,
+                         dtype="bfloat16", param_dtype="bfloat16")
+    params = init_params(config)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    stored_fp32 = init_params(config.replace(param_dtype=jnp.float32))
+    assert {x.dtype for x in jax.tree_util.tree_leaves(stored_fp32)} == {jnp.dtype(jnp.float32)}
+
+
+def test_sequence_longer_than_position_table_is_a_clear_error():
+    config = ModelConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=64, vocab_size=50, max_position_embeddings=16)
+    params = init_params(config)
+    with pytest.raises(ValueError, match="sequence length 17 exceeds max_position_embeddings=16"):
+        DistilBertForSequenceClassification(config).apply({"params": params}, np.zeros((1, 17), np.int32))

@@ -1,0 +1,123 @@
+"""Classifier and its command line against transformers' text-classification pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from flaxsst import Classifier
+from flaxsst.predict import length_buckets
+from tests.fixtures import sentences
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_model_dir):
+    return Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def hf_pipeline(tiny_model_dir):
+    return transformers.pipeline("text-classification", model=str(tiny_model_dir), device="cpu")
+
+
+def test_predictions_equal_the_transformers_pipeline_in_input_order(clf, hf_pipeline):
+    texts = sentences() + ["the film was great"] * 3 + ["bad"]
+    ours = clf(texts)
+    reference = hf_pipeline(texts, truncation=True, max_length=64)
+    assert [p["label"] for p in ours] == [p["label"] for p in reference]
+    np.testing.assert_allclose([p["score"] for p in ours], [p["score"] for p in reference], atol=1e-5)
+    assert all(set(p) == {"label", "score"} and isinstance(p["score"], float) for p in ours)
+
+
+def test_logits_are_float32_in_input_order(clf, tiny_model_dir):
+    texts = sentences()
+    model = transformers.DistilBertForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        expected = np.concatenate([model(**tok([t], return_tensors="pt")).logits.numpy() for t in texts])
+    got = clf.logits(texts)
+    assert got.dtype == np.float32 and got.shape == (len(texts), 2)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_repeated_calls_reuse_a_few_compiled_shapes(tiny_model_dir):
+    clf = Classifier.from_pretrained(tiny_model_dir, batch_size=8, max_length=64)
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        n = int(rng.integers(1, 20))
+        clf([" ".join(["film"] * int(rng.integers(0, 70))) for _ in range(n)])
+    assert clf.buckets == (16, 32, 64)
+    # at most (3 lengths) x (row counts 1, 2, 4, 8)
+    assert clf._forward._cache_size() <= 12
+
+
+def test_empty_list_gives_empty_list(clf):
+    assert clf([]) == []
+    assert clf.logits([]).shape == (0, 2)
+
+
+def test_empty_string_is_a_normal_prediction(clf):
+    (prediction,) = clf([""])
+    assert prediction["label"] in {"NEGATIVE", "POSITIVE"} and 0.5 <= prediction["score"] <= 1
+
+
+def test_single_string_is_a_list_of_one(clf):
+    assert clf("the film was great") == clf(["the film was great"])
+
+
+@pytest.mark.parametrize("bad, index, type_name", [([None], 0, "NoneType"), (["ok", 3], 1, "int"), (["a", "b", b"c"], 2, "bytes")])
+def test_non_string_input_names_its_position_and_type(clf, bad, index, type_name):
+    with pytest.raises(TypeError, match=f"input {index} is {type_name}, expected str"):
+        clf(bad)
+
+
+def test_none_alone_is_a_type_error(clf):
+    with pytest.raises(TypeError, match="expected a string or a list of strings, got NoneType"):
+        clf(None)
+
+
+def test_very_long_text_is_truncated_not_an_error(clf, hf_pipeline):
+    text = "the film was great and " * 5000
+    (ours,) = clf([text])
+    (reference,) = hf_pipeline([text], truncation=True, max_length=64)
+    assert ours["label"] == reference["label"]
+    assert ours["score"] == pytest.approx(reference["score"], abs=1e-5)
+
+
+def test_length_buckets_are_powers_of_two_up_to_max_length():
+    assert length_buckets(128) == (16, 32, 64, 128)
+    assert length_buckets(100) == (16, 32, 64, 100)
+    assert length_buckets(16) == (16,)
+
+
+def _cli(model_dir, stdin):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "flaxsst.predict", "--model", str(model_dir)],
+                          input=stdin, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_reads_the_endpoint_json_request(clf, tiny_model_dir):
+    texts = ["Today was an amazing day!", "It was an unfortunate series of events."]
+    result = _cli(tiny_model_dir, json.dumps({"input_data": texts}))
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert [p["label"] for p in got] == [p["label"] for p in clf(texts)]
+
+
+def test_cli_reads_one_text_per_line(clf, tiny_model_dir):
+    result = _cli(tiny_model_dir, "the film was great\nawful , boring\n")
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert len(got) == 2 and [p["label"] for p in got] == [p["label"] for p in clf(["the film was great", "awful , boring"])]
+
+
+def test_cli_rejects_a_bad_request_with_a_message(tiny_model_dir):
+    result = _cli(tiny_model_dir, json.dumps({"inputs": ["x"]}))
+    assert result.returncode == 2 and "input_data" in result.stderr
+    result = _cli(tiny_model_dir, json.dumps({"input_data": ["x", None]}))
+    assert result.returncode == 2 and "input 1 is NoneType" in result.stderr
