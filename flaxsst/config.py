@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -143,3 +144,139 @@ class ModelConfig:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+# ---- training configuration ---------------------------------------------------------------
+# The defaults below only make the schema complete; the recipe's numbers live in conf/*.yaml.
+
+
+@dataclasses.dataclass
+class ModelSection:
+    init: str = ""  # HF folder or hub id to start from; "" = random init with the fields below
+    tokenizer: str = ""  # folder/hub id/vocab.txt; "" = the same as init
+    dim: int = 768
+    n_layers: int = 6
+    n_heads: int = 12
+    hidden_dim: int = 3072
+    dropout: float | None = None  # None = as in the model config
+    attention_dropout: float | None = None
+    seq_classif_dropout: float | None = None
+    labels: list[str] = dataclasses.field(default_factory=list)  # id2label in order; [] = the checkpoint's
+    dtype: str = "float32"  # compute dtype; params and optimizer state stay float32
+
+
+@dataclasses.dataclass
+class DataSection:
+    path: str = "glue/sst2"  # hub dataset "glue/sst2", a GLUE folder (train.tsv, dev.tsv), a file, or "synthetic"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_column: str = "sentence"
+    label_column: str = "label"
+    max_seq_length: int = 128
+    length_buckets: list[int] = dataclasses.field(default_factory=list)  # [] = pad every batch to max_seq_length
+    synthetic_train_size: int = 2000
+    synthetic_eval_size: int = 400
+    cache_dir: str = ""  # "" = <workdir>/cache
+
+
+@dataclasses.dataclass
+class TrainSection:
+    learning_rate: float = 1e-5
+    global_batch_size: int = 32
+    warmup_steps: int = 0
+    num_epochs: float = 1.0
+    max_steps: int = -1  # > 0 stops after that many steps (the schedule still spans the epochs)
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    eval_every_steps: int = 0  # 0 = at the end of every epoch
+    eval_batch_size: int = 256
+    log_every_steps: int = 50
+    checkpoint_every_steps: int = 1000
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass
+class DistributedSection:
+    enabled: bool = False  # or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    coordinator_address: str = ""
+    num_processes: int = 1
+    process_id: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+def load_train_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """YAML file + dotted ``key=value`` overrides -> a typed, validated ``TrainConfig``."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = schema
+        if path is not None:
+            merged = OmegaConf.merge(merged, _load_yaml(Path(path)))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.learning_rate=2e-5)")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"config key {key!r}{where}: {str(e).splitlines()[0]}") from None
+    _validate(config)
+    return config
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()):
+    """A YAML config; its ``base: other.yaml`` (relative to it) is loaded first and overridden."""
+    from omegaconf import OmegaConf
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} includes itself through 'base'")
+    raw = OmegaConf.load(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return OmegaConf.merge(_load_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+def _validate(config: TrainConfig) -> None:
+    checks = [
+        (config.train.global_batch_size > 0, "train.global_batch_size", "a positive integer"),
+        (config.train.learning_rate > 0, "train.learning_rate", "positive"),
+        (config.train.num_epochs > 0, "train.num_epochs", "positive"),
+        (config.train.warmup_steps >= 0, "train.warmup_steps", "at least 0"),
+        (config.data.max_seq_length >= 2, "data.max_seq_length", "at least 2"),
+        (all(2 <= b <= config.data.max_seq_length for b in config.data.length_buckets),
+         "data.length_buckets", f"lengths in [2, data.max_seq_length={config.data.max_seq_length}]"),
+    ]
+    for ok, key, want in checks:
+        if not ok:
+            value = config
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"config key {key!r} = {value!r}; expected {want}")
+    parse_dtype(config.model.dtype)
+
+
+def train_config_to_yaml(config: TrainConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

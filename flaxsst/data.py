@@ -1,0 +1,245 @@
+"""SST-2 (or any text/label table) -> tokenized examples -> numpy batches. No jax here.
+
+Sources (``data.path``): the GLUE SST-2 hub dataset (``glue/sst2``, through
+``datasets``); a local GLUE folder (``train.tsv``/``dev.tsv``/``test.tsv`` as
+``download_glue_data.py`` lays it out); a csv/tsv/json/jsonl/parquet file given as
+the split; or ``synthetic``, a generated sentiment task for tiny runs.
+
+Each epoch is a seeded permutation of the whole train set cut into global batches;
+the last, partial batch is kept and its padding rows carry weight 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from flaxsst.config import DataSection
+
+GLUE_FILES = {"train": "train", "validation": "dev", "dev": "dev", "test": "test"}
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """A bad data file or row; the message names the file and the row."""
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+    """Ragged token ids (``[CLS] ... [SEP]``) and integer labels of one split."""
+
+    name: str
+    source: str
+    token_ids: list[np.ndarray]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(t) for t in self.token_ids], dtype=np.int32)
+
+
+# ---- synthetic task ----------------------------------------------------------------------
+
+SYNTHETIC_POSITIVE = "good great fine amazing wonderful best love charming funny brilliant".split()
+SYNTHETIC_NEGATIVE = "bad awful boring dull terrible worst hate bleak sad tedious".split()
+SYNTHETIC_NEUTRAL = "the a film movie story was it this and of day series very plot actors is".split()
+
+
+def synthetic_vocab(path: Path) -> Path:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + SYNTHETIC_NEUTRAL + SYNTHETIC_POSITIVE + SYNTHETIC_NEGATIVE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
+    return path
+
+
+def synthetic_sentiment(size: int, seed: int) -> tuple[list[str], list[int]]:
+    """Sentences of neutral filler with 1-3 sentiment words; the label is their majority."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(size):
+        label = int(rng.integers(0, 2))
+        n_cues = int(rng.choice([1, 3]))
+        n_major = n_cues if n_cues == 1 else int(rng.integers(2, 4))
+        major, minor = (SYNTHETIC_POSITIVE, SYNTHETIC_NEGATIVE) if label else (SYNTHETIC_NEGATIVE, SYNTHETIC_POSITIVE)
+        words = list(rng.choice(SYNTHETIC_NEUTRAL, size=int(rng.integers(3, 12))))
+        cues = list(rng.choice(major, size=n_major)) + list(rng.choice(minor, size=n_cues - n_major))
+        for cue in cues:
+            words.insert(int(rng.integers(0, len(words) + 1)), cue)
+        texts.append(" ".join(words) + " .")
+        labels.append(label)
+    return texts, labels
+
+
+# ---- reading -----------------------------------------------------------------------------
+
+def _load_table(data: DataSection, split: str):
+    """-> (rows as a ``datasets.Dataset``, a description for errors, first data line number or None)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    folder = Path(data.path).expanduser()
+    split_path = Path(split).expanduser()
+    if not split_path.is_file() and folder.is_dir():
+        stem = GLUE_FILES.get(split, split)
+        candidates = [folder / f"{stem}{ext}" for ext in FILE_BUILDERS]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise DataError(f"{folder} has no file for split {split!r}: looked for {[c.name for c in candidates]}")
+        split_path = found[0]
+    if split_path.is_file():
+        builder = FILE_BUILDERS.get(split_path.suffix)
+        if builder is None:
+            raise DataError(f"{split_path}: unknown file type {split_path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}")
+        kwargs = {}
+        if builder == "csv":
+            kwargs = dict(delimiter="\t" if split_path.suffix == ".tsv" else ",", keep_default_na=False)
+            if split_path.suffix == ".tsv":
+                kwargs["quoting"] = csv.QUOTE_NONE  # GLUE sentences contain bare quotes
+        table = datasets.load_dataset(builder, data_files={"data": str(split_path)}, split="data", **kwargs)
+        return table, str(split_path), 2 if builder == "csv" else 1
+    if os.sep in data.path and not folder.exists():
+        raise DataError(f"data.path {data.path} does not exist")
+    name, _, subset = data.path.partition(":")
+    if name == "glue/sst2":
+        name, subset = "nyu-mll/glue", "sst2"
+    table = datasets.load_dataset(name, subset or None, split=split)
+    return table, f"{data.path} [{split}]", None
+
+
+def _label_id(value, label2id: dict[str, int], num_labels: int) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        if value in label2id:
+            return label2id[value]
+        if not value.lstrip("-").isdigit():
+            return None
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (int, np.integer)) and 0 <= value < num_labels:
+        return int(value)
+    return None
+
+
+def read_split(data: DataSection, split: str, label2id: dict[str, int], seed: int = 0) -> tuple[list[str], np.ndarray, str]:
+    """``(texts, labels, source)``; a bad row raises ``DataError`` naming the file and the row."""
+    if data.path == "synthetic":
+        size = data.synthetic_train_size if split == "train" else data.synthetic_eval_size
+        texts, labels = synthetic_sentiment(size, seed + (0 if split == "train" else 1))
+        return texts, np.asarray(labels, dtype=np.int32), f"synthetic [{split}]"
+    table, source, first_line = _load_table(data, split)
+    for column in (data.text_column, data.label_column):
+        if column not in table.column_names:
+            raise DataError(f"{source}: no column {column!r}; columns are {table.column_names}")
+    texts, labels = table[data.text_column], table[data.label_column]
+    out = np.empty(len(labels), dtype=np.int32)
+    for row, (text, label) in enumerate(zip(texts, labels)):
+        where = f"{source}: row {row + 1}" + (f" (line {row + first_line})" if first_line else "")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: missing text in column {data.text_column!r} (got {text!r})")
+        label_id = _label_id(label, label2id, len(label2id))
+        if label_id is None:
+            raise DataError(
+                f"{where}: label {label!r} is not one of the model's labels {sorted(label2id.values())} / {sorted(label2id)}"
+            )
+        out[row] = label_id
+    return list(texts), out, source
+
+
+def load_tokenized(data: DataSection, split: str, tokenizer, label2id: dict[str, int], cache_dir: Path, seed: int = 0) -> TokenizedSplit:
+    """Read, check and tokenize a split once; later runs read the cached ids."""
+    texts, labels, source = read_split(data, split, label2id, seed)
+    key = hashlib.sha256()
+    key.update(tokenizer.backend.to_str().encode())
+    key.update(str(data.max_seq_length).encode())
+    key.update(labels.tobytes())
+    for text in texts:
+        key.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    cache = Path(cache_dir) / f"tokens-{key.hexdigest()[:20]}.npz"
+    if cache.is_file():
+        stored = np.load(cache)
+        flat, offsets = stored["flat"], stored["offsets"]
+    else:
+        ids = tokenizer.encode(texts)
+        offsets = np.cumsum([0] + [len(seq) for seq in ids]).astype(np.int64)
+        flat = np.fromiter((t for seq in ids for t in seq), dtype=np.int32, count=int(offsets[-1]))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, flat=flat, offsets=offsets)
+        os.replace(tmp, cache)
+    token_ids = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return TokenizedSplit(split, source, token_ids, labels)
+
+
+# ---- batching ------------------------------------------------------------------------------
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Batches per epoch, the last partial one included (HF Trainer's count)."""
+    return math.ceil(num_examples / global_batch_size)
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def train_batch_indices(step: int, num_examples: int, global_batch_size: int, seed: int) -> np.ndarray:
+    """Example indices of global step ``step`` (0-based): a pure function of the step."""
+    per_epoch = steps_per_epoch(num_examples, global_batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = epoch_permutation(num_examples, seed, epoch)
+    return order[position * global_batch_size : (position + 1) * global_batch_size]
+
+
+def pick_length(longest: int, buckets: Sequence[int], max_seq_length: int) -> int:
+    for bucket in sorted(buckets):
+        if longest <= bucket:
+            return bucket
+    return max_seq_length
+
+
+def make_batch(split: TokenizedSplit, indices: np.ndarray, rows: int, buckets: Sequence[int],
+               max_seq_length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """``rows`` rows: the examples at ``indices`` then padding rows of weight 0.
+
+    -> ``input_ids, attention_mask [rows, length]`` int32, ``labels [rows]`` int32,
+    ``weights [rows]`` float32; ``length`` is the smallest bucket that fits.
+    """
+    seqs = [split.token_ids[i] for i in indices]
+    length = pick_length(max((len(s) for s in seqs), default=2), buckets, max_seq_length)
+    input_ids = np.full((rows, length), pad_id, dtype=np.int32)
+    mask = np.zeros((rows, length), dtype=np.int32)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    labels = np.zeros(rows, dtype=np.int32)
+    labels[: len(indices)] = split.labels[indices]
+    weights = np.zeros(rows, dtype=np.float32)
+    weights[: len(indices)] = 1.0
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "weights": weights}
+
+
+def host_rows(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    """This host's contiguous slice of a global batch."""
+    rows = len(batch["labels"])
+    if rows % process_count:
+        raise ValueError(f"global batch of {rows} rows does not split evenly over {process_count} processes")
+    per_host = rows // process_count
+    return {k: v[process_index * per_host : (process_index + 1) * per_host] for k, v in batch.items()}
+
+
+def eval_index_batches(num_examples: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Consecutive index blocks covering every example exactly once."""
+    for start in range(0, num_examples, batch_size):
+        yield np.arange(start, min(start + batch_size, num_examples))
