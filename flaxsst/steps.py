@@ -79,12 +79,16 @@ def _loss_and_logits(model: nn.Module, params, batch, dropout_key, deterministic
     return jnp.sum(losses * batch["weights"]), logits
 
 
+def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """This device's dropout key at ``step`` (inside ``pmap``): different per step and per device."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), jax.lax.axis_index(AXIS))
+
+
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, optimizer: optax.GradientTransformation,
                schedule: Callable, deterministic: bool = False) -> tuple[TrainState, dict]:
     """One optimizer step on this device's rows of a global batch (inside ``pmap`` over ``AXIS``)."""
-    dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
     (loss_sum, logits), grads = jax.value_and_grad(_loss_and_logits, argnums=1, has_aux=True)(
-        model, state.params, batch, dropout_key, deterministic)
+        model, state.params, batch, dropout_key(state.rng, state.step), deterministic)
     real = jax.lax.psum(jnp.sum(batch["weights"]), AXIS)
     scale = 1.0 / jnp.maximum(real, 1.0)
     grads = jax.tree_util.tree_map(lambda g: jax.lax.psum(g, AXIS) * scale, grads)
@@ -94,7 +98,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, optimizer: o
     metrics = {
         "loss": jax.lax.psum(loss_sum, AXIS) * scale,
         "accuracy": jax.lax.psum(correct, AXIS) * scale,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree_utils.tree_norm(grads),
         "learning_rate": schedule(state.step),
         "examples": real,
     }

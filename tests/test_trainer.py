@@ -1,0 +1,124 @@
+"""End-to-end training runs: resume, interruption, NaN, and train.py / evaluate.py on conf/tiny.yaml."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from flaxsst import Classifier
+from flaxsst.config import load_train_config
+from flaxsst.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data.synthetic_train_size=300", "data.synthetic_eval_size=64", "train.num_epochs=2",
+         "train.checkpoint_every_steps=4", "train.log_every_steps=2", "model.dropout=0.1", "model.attention_dropout=0.1"]
+
+
+def _config(*overrides):
+    return load_train_config(ROOT / "conf" / "tiny.yaml", list(SMALL) + list(overrides))
+
+
+def _assert_bitwise_equal(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_interrupted_and_rerun_training_equals_an_uninterrupted_run_bitwise(tmp_path):
+    uninterrupted = Trainer(_config(), tmp_path / "a").run()
+    assert uninterrupted.finished and uninterrupted.step == 20  # ceil(300 / 32) = 10 steps x 2 epochs
+
+    def interrupt_at_7(trainer, step):
+        if step == 7:
+            trainer.request_stop()
+
+    first = Trainer(_config(), tmp_path / "b", on_step=interrupt_at_7).run()
+    assert not first.finished and first.step == 7
+    assert (tmp_path / "b" / "checkpoints" / "7").is_dir()
+    resumed = Trainer(_config(), tmp_path / "b").run()
+    assert resumed.finished and resumed.step == 20
+    _assert_bitwise_equal(uninterrupted.params, resumed.params)
+    assert resumed.best_accuracy == uninterrupted.best_accuracy
+
+
+def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
+    def poison(trainer, step):
+        if step == 5:
+            trainer.pstate = trainer.pstate.replace(
+                params=jax.tree_util.tree_map(lambda x: x * np.nan, trainer.pstate.params))
+
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 6; last good checkpoint: .*checkpoints/4"):
+        Trainer(_config(), tmp_path, on_step=poison).run()
+
+
+def test_global_batch_that_does_not_divide_over_devices_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"train.global_batch_size=12 does not divide evenly over 8 devices"):
+        Trainer(_config("train.global_batch_size=12"), tmp_path).run()
+
+
+def _python(*args, **kwargs):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900, **kwargs)
+
+
+def test_train_py_on_tiny_yaml_end_to_end_learns_and_leaves_every_artifact(tmp_path):
+    workdir = tmp_path / "tiny"
+    result = _python("train.py", "--config", "conf/tiny.yaml", "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workdir / "config.yaml").is_file()
+    assert load_train_config(workdir / "config.yaml") == load_train_config(ROOT / "conf" / "tiny.yaml")
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 252
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "eval"}
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results = json.loads((workdir / "eval_results.json").read_text())
+    assert set(results) >= {"accuracy", "precision", "recall", "f1", "auc", "loss", "confusion_matrix"}
+    assert results["accuracy"] >= 0.95 and results["num_examples"] == 400  # a tiny model learns the synthetic task
+
+    export = workdir / "export"
+    hf = transformers.DistilBertForSequenceClassification.from_pretrained(export).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    texts = ["the film was great and charming .", "a boring , awful story ."]
+    with torch.no_grad():
+        hf_labels = hf(**tokenizer(texts, return_tensors="pt", padding=True)).logits.argmax(-1).tolist()
+    predictions = Classifier.from_pretrained(export)(texts)
+    assert [p["label"] for p in predictions] == [hf.config.id2label[i] for i in hf_labels] == ["POSITIVE", "NEGATIVE"]
+
+    evaluated = _python("evaluate.py", "--model", str(export), "--output", str(tmp_path / "eval"),
+                        "--config", "conf/tiny.yaml")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "accuracy" in evaluated.stdout and "confusion" in evaluated.stdout
+    again = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert again["accuracy"] == results["accuracy"] and again["confusion_matrix"] == results["confusion_matrix"]
+
+    plotted = _python("-m", "flaxsst.plot", str(workdir), "--out", str(tmp_path / "again.png"))
+    assert plotted.returncode == 0 and (tmp_path / "again.png").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", TQDM_DISABLE="1")
+    process = subprocess.Popen(
+        [sys.executable, "train.py", "--config", "conf/tiny.yaml", "--workdir", str(workdir), "train.num_epochs=500",
+         "train.checkpoint_every_steps=100000", "train.log_every_steps=5"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (workdir / "metrics.jsonl").is_file():
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "interrupted: checkpoint saved at step" in out + err
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and not (workdir / "export").exists()
