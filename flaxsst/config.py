@@ -73,6 +73,7 @@ class ModelConfig:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # "auto": cuDNN fused attention for half-precision inference on GPU; "xla": always einsum
 
     def __post_init__(self) -> None:
         self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
@@ -90,6 +91,8 @@ class ModelConfig:
             raise ValueError(
                 f"activation={self.activation!r} is not supported; expected 'gelu' or 'relu'"
             )
+        if self.attention not in ("auto", "xla"):
+            raise ValueError(f"attention={self.attention!r}; expected 'auto' or 'xla'")
         if sorted(self.id2label) != list(range(len(self.id2label))):
             raise ValueError(
                 f"id2label keys must be 0..num_labels-1, got {sorted(self.id2label)}"
@@ -103,7 +106,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- config.json --------------------------------------------------------------
-    _NON_JSON = ("extra", "dtype", "param_dtype")
+    _NON_JSON = ("extra", "dtype", "param_dtype", "attention")
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` dict of a ``DistilBertForSequenceClassification``."""
@@ -152,8 +155,8 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class ModelSection:
-    init: str = ""  # HF folder or hub id to start from; "" = random init with the fields below
-    tokenizer: str = ""  # folder/hub id/vocab.txt; "" = the same as init
+    init: str | None = ""  # HF folder or hub id to start from; "" (or model.init=) = random init with the fields below
+    tokenizer: str | None = ""  # folder/hub id/vocab.txt; "" = the same as init
     dim: int = 768
     n_layers: int = 6
     n_heads: int = 12
@@ -197,6 +200,7 @@ class TrainSection:
     log_every_steps: int = 50
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 2
+    precompile: bool = True  # compile every bucket's programs up front, in parallel
 
 
 @dataclasses.dataclass

@@ -13,6 +13,8 @@ is safe in float16/bfloat16.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import flax.linen as nn
@@ -52,6 +54,31 @@ def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
         param_dtype=config.param_dtype,
         use_fast_variance=False,
         name=name,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_attention_compiles(dtype_name: str, head_dim: int) -> bool:
+    """Whether this GPU, cuDNN and JAX build compile fused attention with a padding mask (probed once)."""
+    dtype = jnp.dtype(dtype_name)
+    q = jax.ShapeDtypeStruct((2, 16, 2, head_dim), dtype)
+    mask = jax.ShapeDtypeStruct((2, 1, 1, 16), jnp.bool_)
+    try:
+        jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
+                ).lower(q, q, q, mask).compile()
+    except Exception as error:  # any failure means: use the einsum path
+        logging.getLogger(__name__).info("cuDNN fused attention unavailable (%s); using einsum attention", error)
+        return False
+    return True
+
+
+def _fused_attention_available(config: ModelConfig) -> bool:
+    """cuDNN attention: inference in float16/bfloat16 on a GPU, unless ``config.attention == "xla"``."""
+    return (
+        config.attention == "auto"
+        and jnp.dtype(config.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and jax.default_backend() == "gpu"
+        and _cudnn_attention_compiles(jnp.dtype(config.dtype).name, config.dim // config.n_heads)
     )
 
 
@@ -100,15 +127,19 @@ class MultiHeadSelfAttention(nn.Module):
         def heads(name: str) -> jax.Array:
             return _dense(config, config.dim, name)(hidden).reshape(batch, seq_len, config.n_heads, head_dim)
 
-        query = heads("q_lin") / jnp.asarray(math.sqrt(head_dim), config.dtype)
-        key = heads("k_lin")
-        value = heads("v_lin")
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+        query, key, value = heads("q_lin"), heads("k_lin"), heads("v_lin")
         keep = attention_mask[:, None, None, :].astype(bool)
-        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(config.dtype)
-        weights = nn.Dropout(config.attention_dropout)(weights, deterministic=deterministic)
-        context = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, seq_len, config.dim)
+        if deterministic and _fused_attention_available(config):
+            # cuDNN's fused kernel never writes the [batch, heads, seq, seq] scores to memory.
+            context = jax.nn.dot_product_attention(query, key, value, mask=keep, implementation="cudnn")
+        else:
+            query = query / jnp.asarray(math.sqrt(head_dim), config.dtype)
+            scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+            scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(scores, axis=-1).astype(config.dtype)
+            weights = nn.Dropout(config.attention_dropout)(weights, deterministic=deterministic)
+            context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        context = context.reshape(batch, seq_len, config.dim)
         return _dense(config, config.dim, "out_lin")(context)
 
 

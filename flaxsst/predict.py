@@ -33,7 +33,7 @@ from flaxsst.tokenizer import Tokenizer
 def enable_compilation_cache() -> None:
     """JAX's persistent compilation cache, so a second process skips compiles
     (``FLAXSST_COMPILATION_CACHE=0`` turns it off; ``FLAXSST_CACHE_DIR`` moves it)."""
-    if os.environ.get("FLAXSST_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+    if os.environ.get("FLAXSST_COMPILATION_CACHE", "1") == "0" or getattr(jax.config, "jax_compilation_cache_dir", None):
         return
     cache_dir = os.environ.get("FLAXSST_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "flaxsst", "jax"))
     jax.config.update("jax_compilation_cache_dir", cache_dir)

@@ -36,6 +36,7 @@ from flaxsst.data import (
 )
 from flaxsst.metrics import classification_metrics, format_table
 from flaxsst.model import DistilBertForSequenceClassification, init_params
+from flaxsst.predict import enable_compilation_cache
 from flaxsst.steps import (
     TrainState,
     create_train_state,
@@ -215,6 +216,8 @@ class TrainResult:
     eval_metrics: dict | None
     export_dir: Path | None
     params: Any = None  # the last step's params (numpy)
+    compile_seconds: float = 0.0  # compiling every train/eval shape, before the first step
+    train_seconds: float = 0.0  # the step loop, evaluation and checkpoint saves excluded
 
 
 def _prefetch(make: Callable[[int], Any], steps: range, depth: int = 3) -> Iterator[Any]:
@@ -251,6 +254,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, workdir: str | os.PathLike,
                  on_step: Callable[["Trainer", int], None] | None = None):
         maybe_initialize_distributed(config)
+        enable_compilation_cache()
         self.config = config
         self.workdir = Path(workdir)
         self.on_step = on_step
@@ -318,12 +322,15 @@ class Trainer:
             logger.info("resuming from %s at step %d", self.checkpoints.directory / str(latest), start)
         self.pstate = replicate(self.state)
         del self.state
+        compile_seconds = self._compile_all() if config.train.precompile else 0.0
+        self.side_seconds = 0.0  # evaluation and checkpointing inside the loop
         last_checkpoint = str(self.checkpoints.directory / str(latest)) if latest is not None else None
         previous_signals = self._install_signal_handlers()
         progress = self._progress(start)
         window = {"loss": 0.0, "accuracy": 0.0, "examples": 0.0, "steps": 0, "t0": time.perf_counter()}
         eval_metrics = None
         pending = None  # (step, metrics on device): read one step behind so the host never stalls the device
+        loop_start = time.perf_counter()
         try:
             for step, batch in zip(range(start, self.end_step), _prefetch(self._batch, range(start, self.end_step))):
                 self.pstate, metrics = self.p_train(self.pstate, batch)
@@ -336,19 +343,23 @@ class Trainer:
                 if self._is_eval_step(done) or self.stop_requested or done % config.train.checkpoint_every_steps == 0:
                     self._account(pending, window, progress, last_checkpoint)
                     pending = None
+                    side_start = time.perf_counter()
                     if self._is_eval_step(done):
                         eval_metrics = self._evaluate(done, meta)
                     meta.update(step=done, epoch=done / self.steps_per_epoch,
                                 position_in_epoch=done % self.steps_per_epoch)
                     last_checkpoint = str(self._save(done, meta))
+                    self.side_seconds += time.perf_counter() - side_start
                 if self.stop_requested:
                     if self.is_main:
                         progress.write(f"interrupted: checkpoint saved at step {done} in {last_checkpoint}; "
                                        f"rerun the same command to resume")
                     return TrainResult(done, False, meta["best_accuracy"], eval_metrics, None,
-                                       unreplicate(self.pstate.params))
+                                       unreplicate(self.pstate.params), compile_seconds,
+                                       time.perf_counter() - loop_start - self.side_seconds)
             if pending is not None:
                 self._account(pending, window, progress, last_checkpoint)
+            train_seconds = time.perf_counter() - loop_start - self.side_seconds
         finally:
             progress.close()
             self._restore_signal_handlers(previous_signals)
@@ -357,7 +368,42 @@ class Trainer:
         self.best.close()
         self.log.close()
         return TrainResult(self.end_step, True, meta["best_accuracy"], final or eval_metrics, export_dir,
-                           unreplicate(self.pstate.params))
+                           unreplicate(self.pstate.params), compile_seconds, train_seconds)
+
+    def _compile_all(self) -> float:
+        """Compile the train and eval programs of every bucket length at once, in threads (XLA
+        compiles outside the GIL), by running each on a throwaway copy of the state with batches
+        of weight 0. -> seconds taken."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        config = self.config
+        lengths = sorted(set(config.data.length_buckets) | {config.data.max_seq_length})
+        n_local = jax.local_device_count()
+        train_rows = config.train.global_batch_size // jax.process_count()
+        n_global = jax.device_count()
+        eval_rows = max(n_global, config.train.eval_batch_size // n_global * n_global) // jax.process_count()
+        host_state = unreplicate(self.pstate)
+
+        def dummy(rows: int, length: int) -> dict:
+            zeros = np.zeros((rows, length), np.int32)
+            return shard({"input_ids": zeros, "attention_mask": zeros + 1, "labels": np.zeros(rows, np.int32),
+                          "weights": np.zeros(rows, np.float32)}, n_local)
+
+        def train_program(length: int) -> None:
+            _, metrics = self.p_train(replicate(host_state), dummy(train_rows, length))
+            jax.block_until_ready(metrics)
+
+        def eval_program(length: int) -> None:
+            jax.block_until_ready(self.p_eval(self.pstate.params, dummy(eval_rows, length)))
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=2 * len(lengths)) as pool:
+            futures = [pool.submit(train_program, n) for n in lengths] + [pool.submit(eval_program, n) for n in lengths]
+            for future in futures:
+                future.result()
+        seconds = time.perf_counter() - start
+        logger.info("compiled %d train and %d eval programs (lengths %s) in %.1f s", len(lengths), len(lengths), lengths, seconds)
+        return seconds
 
     def _progress(self, start: int):
         from tqdm.auto import tqdm
@@ -367,7 +413,7 @@ class Trainer:
 
     def _account(self, pending, window: dict, progress, last_checkpoint) -> None:
         step, metrics = pending
-        values = {k: float(np.asarray(v.addressable_data(0)).reshape(())) for k, v in metrics.items()}
+        values = {k: float(v.reshape(())) for k, v in jax.device_get({k: v.addressable_data(0) for k, v in metrics.items()}).items()}
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(
                 f"loss is {values['loss']} at step {step}; last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}"

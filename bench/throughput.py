@@ -1,0 +1,191 @@
+"""Train and eval steps of the real model on synthetic batches; one JSON line per case.
+
+    python bench/throughput.py --batch 256 --seq 128 --dtype bf16            # one train + one infer case
+    python bench/throughput.py --sweep --png bench/throughput.png            # batch sizes x lengths, and a plot
+    python bench/throughput.py --classifier TOKENIZER_DIR                    # Classifier latency on one sentence
+
+DistilBERT-base shapes (768/6/12/3072) with random weights: the same compute as
+the hub weights. Train steps are the trainer's own (pmap, AdamW, clip, schedule,
+donated state); inference is the model's forward + softmax. Each case reports
+step ms (median of timed windows after warm-up), examples/s, tokens/s, MFU
+against a stated peak, the first call's seconds (compile) and peak device memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flaxsst.config import ModelConfig, TrainSection, dtype_name, parse_dtype  # noqa: E402
+from flaxsst.model import DistilBertForSequenceClassification, init_params  # noqa: E402
+from flaxsst.steps import create_train_state, linear_warmup_decay, make_optimizer, p_train_step, replicate, shard  # noqa: E402
+
+# Dense peak of an H100 SXM (datasheet, no sparsity). The bench also prints the measured
+# bf16 matmul ceiling of ../shared/bench/README.md (~790 TFLOP/s) for reference.
+PEAK_TFLOPS = {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}
+
+
+def forward_flops(config: ModelConfig, seq: int) -> float:
+    """Matmul FLOPs of one sequence's forward pass (embeddings lookups excluded)."""
+    d, h = config.dim, config.hidden_dim
+    per_layer = 8 * seq * d * d + 4 * seq * d * h + 4 * seq * seq * d
+    head = 2 * d * d + 2 * d * config.num_labels
+    return config.n_layers * per_layer + head
+
+
+def _peak_memory() -> int | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def _batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(1000, vocab, (batch, seq)).astype(np.int32),
+            "attention_mask": np.ones((batch, seq), np.int32),
+            "labels": rng.integers(0, 2, batch).astype(np.int32),
+            "weights": np.ones(batch, np.float32)}
+
+
+def _time(call, steps: int, windows: int = 5) -> list[float]:
+    """Median-able per-step seconds over ``windows`` windows of ``steps`` dispatches each."""
+    out = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        result = None
+        for _ in range(steps):
+            result = call()
+        jax.block_until_ready(result)
+        out.append((time.perf_counter() - start) / steps)
+    return out
+
+
+def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, steps: int, config: ModelConfig) -> dict:
+    config = config.replace(dtype=parse_dtype(dtype))
+    devices = jax.local_devices()[:n_devices]
+    if batch % n_devices:
+        raise SystemExit(f"--batch {batch} does not divide over {n_devices} devices")
+    model = DistilBertForSequenceClassification(config)
+    params = init_params(config, 0)
+    host_batch = shard(_batch(batch, seq, config.vocab_size), n_devices)
+    device_batch = jax.device_put(host_batch, jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), ("batch",)), jax.sharding.PartitionSpec("batch")))
+    if mode == "train":
+        train = TrainSection(learning_rate=1e-5, warmup_steps=600)
+        optimizer = make_optimizer(train, 6315)
+        step = p_train_step(model, optimizer, linear_warmup_decay(1e-5, 600, 6315), devices=devices)
+        state = [replicate(create_train_state(params, optimizer, 0), devices)]
+
+        def call():
+            state[0], metrics = step(state[0], device_batch)
+            return metrics
+    else:
+        forward = jax.pmap(lambda p, b: jax.nn.softmax(model.apply({"params": p}, b["input_ids"], b["attention_mask"])),
+                           axis_name="batch", devices=devices)
+        replicated = replicate(jax.tree_util.tree_map(lambda x: np.asarray(x), params), devices)
+
+        def call():
+            return forward(replicated, device_batch)
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    first_call = time.perf_counter() - start
+    for _ in range(3):
+        jax.block_until_ready(call())
+    step_s = statistics.median(_time(call, steps))
+    flops = forward_flops(config, seq) * batch * (3 if mode == "train" else 1)
+    peak = PEAK_TFLOPS[dtype_name(config.dtype)]
+    return {
+        "what": f"flaxsst_{mode}", "batch": batch, "seq": seq, "dtype": dtype_name(config.dtype),
+        "devices": n_devices, "step_ms": round(step_s * 1e3, 3), "examples_per_s": round(batch / step_s, 1),
+        "tokens_per_s": round(batch * seq / step_s), "tflops": round(flops / step_s / 1e12, 1),
+        "mfu": round(flops / step_s / 1e12 / peak, 3), "peak_tflops": peak,
+        "first_call_s": round(first_call, 2), "peak_memory_gb": (round(_peak_memory() / 2**30, 2) if _peak_memory() else None),
+    }
+
+
+def bench_classifier(tokenizer_dir: str, config: ModelConfig, dtype: str, calls: int = 300) -> dict:
+    from flaxsst import Classifier
+    from flaxsst.tokenizer import Tokenizer
+
+    config = config.replace(dtype=parse_dtype(dtype))
+    clf = Classifier(config, init_params(config, 0), Tokenizer.from_pretrained(tokenizer_dir), max_length=128)
+    text = ["Today was an amazing day!"]
+    start = time.perf_counter()
+    clf(text)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        clf(text)
+        times.append(time.perf_counter() - start)
+    return {"what": "flaxsst_classifier_one_sentence", "dtype": dtype_name(config.dtype),
+            "warm_ms_median": round(statistics.median(times) * 1e3, 3),
+            "warm_ms_p90": round(float(np.percentile(times, 90)) * 1e3, 3), "first_call_s": round(first, 2)}
+
+
+def plot_sweep(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, mode in zip(axes, ("train", "infer")):
+        for seq in sorted({r["seq"] for r in rows}):
+            points = sorted((r["batch"], r["examples_per_s"]) for r in rows if r["what"] == f"flaxsst_{mode}" and r["seq"] == seq)
+            if points:
+                ax.plot(*zip(*points), "o-", label=f"seq {seq}")
+        ax.set(xscale="log", xlabel="batch size", ylabel="examples / s", title=f"{mode} ({rows[0]['dtype']}, {jax.devices()[0].device_kind})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[256])
+    parser.add_argument("--seq", type=int, nargs="+", default=[128])
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--mode", choices=["train", "infer", "both"], default="both")
+    parser.add_argument("--devices", type=int, default=jax.local_device_count())
+    parser.add_argument("--steps", type=int, default=20, help="dispatches per timed window")
+    parser.add_argument("--sweep", action="store_true", help="batch 32..512 (train) / 64..2048 (infer) at seq 32, 64, 128")
+    parser.add_argument("--png", help="plot of examples/s against batch size")
+    parser.add_argument("--classifier", metavar="TOKENIZER_DIR", help="also time Classifier on one sentence")
+    args = parser.parse_args()
+
+    config = ModelConfig()  # DistilBERT-base
+    print(json.dumps({"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                      "devices": args.devices}), flush=True)
+    cases = []
+    modes = ["train", "infer"] if args.mode == "both" else [args.mode]
+    if args.sweep:
+        for seq in (32, 64, 128):
+            cases += [("train", b, seq) for b in (32, 64, 128, 256, 512)]
+            cases += [("infer", b, seq) for b in (64, 256, 1024, 2048)]
+    else:
+        cases = [(m, b, s) for m in modes for b in args.batch for s in args.seq]
+    rows = []
+    for mode, batch, seq in cases:
+        row = bench_case(mode, batch, seq, args.dtype, args.devices, args.steps, config)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.png and rows:
+        plot_sweep(rows, args.png)
+    if args.classifier:
+        for dtype in ("bf16", "fp32"):
+            print(json.dumps(bench_classifier(args.classifier, config, dtype)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
