@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One phase of the H100 measurements (the device tool runs this from the repo root; $OUT comes back).
 #   bash bench/device_run.sh recipe      # MiniLM recipe (accuracy), DistilBERT-base recipe (time), PyTorch recipe anchor
-#   bash bench/device_run.sh throughput  # PyTorch throughput anchors, flaxsst throughput sweep, Classifier latency
+#   bash bench/device_run.sh throughput  # PyTorch throughput anchors, flaxsst train steps (pmap and shard_map)
+#   bash bench/device_run.sh inference   # batch sweep, inference throughput, Classifier latency
 # Needs .devdata/ (sst2, minilm-l6, distilbert-tok, the anchor scripts) and .whl/ (datasets, omegaconf, tensorboardX)
 # carried along; see bench/RESULTS.md.
 set -uo pipefail
@@ -22,24 +23,27 @@ run() {  # run NAME TIMEOUT CMD...: JSON lines to results.jsonl, everything to N
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 case $phase in
-recipe)
+recipe)  # extra trainer overrides in RECIPE_OVERRIDES, e.g. train.parallel=shard_map
   run minilm_recipe 330 python3 bench/recipe.py --config conf/sst2_minilm.yaml --workdir /tmp/minilm \
-      model.init=.devdata/minilm-l6 data.path=.devdata/sst2 train.checkpoint_every_steps=100000
+      model.init=.devdata/minilm-l6 data.path=.devdata/sst2 train.checkpoint_every_steps=100000 ${RECIPE_OVERRIDES:-}
   cp /tmp/minilm/eval_results.json "$out/minilm_eval_results.json" 2>/dev/null
   cp /tmp/minilm/curves.png "$out/minilm_curves.png" 2>/dev/null
   run distilbert_recipe 330 python3 bench/recipe.py --config conf/sst2.yaml --workdir /tmp/distil --tokenizer .devdata/distilbert-tok \
       model.init= model.dtype=bfloat16 data.path=.devdata/sst2 'data.length_buckets=[16,32,64,128]' \
-      train.checkpoint_every_steps=100000
-  run torch_recipe_anchor 200 python3 .devdata/anchor_torch_finetune.py --data .devdata/sst2 \
+      train.checkpoint_every_steps=100000 ${RECIPE_OVERRIDES:-}
+  [ -n "${SKIP_ANCHOR:-}" ] || run torch_recipe_anchor 200 python3 .devdata/anchor_torch_finetune.py --data .devdata/sst2 \
       --tokenizer .devdata/minilm-l6/tokenizer.json --bf16 --epochs 1
   ;;
-throughput)
-  run torch_anchor 300 python3 .devdata/anchor_torch.py --compile
-  run flax_train 200 python3 bench/throughput.py --mode train --batch 32 64 128 256 512 --seq 128 --dtype bf16 --png "$out/throughput_train.png"
-  run flax_infer 150 python3 bench/throughput.py --mode infer --batch 64 256 1024 2048 --seq 128 --dtype bf16 --png "$out/throughput_infer.png"
-  run flax_short 120 python3 bench/throughput.py --mode train --batch 32 --seq 16 32 64 --dtype bf16
-  run flax_classifier 120 python3 bench/throughput.py --mode infer --batch 1 --seq 128 --classifier .devdata/distilbert-tok
-  run flax_classifier_cached 120 python3 bench/throughput.py --mode infer --batch 1 --seq 128 --classifier .devdata/distilbert-tok
+throughput)  # PyTorch anchors, then flaxsst train steps with both mappings
+  run torch_anchor 240 python3 .devdata/anchor_torch.py --compile
+  run flax_train 180 python3 bench/throughput.py --mode train --batch 32 256 --seq 128 --parallel pmap shard_map
+  run flax_short 150 python3 bench/throughput.py --mode train --batch 32 --seq 16 64 --parallel pmap shard_map
+  ;;
+inference)  # the batch sweep, inference, Classifier latency (second process: persistent compile cache)
+  run flax_sweep 150 python3 bench/throughput.py --mode train --batch 64 128 512 --seq 128 --parallel ${PARALLEL:-shard_map}
+  run flax_infer 150 python3 bench/throughput.py --mode infer --batch 64 256 1024 2048 --seq 128 --parallel ${PARALLEL:-shard_map}
+  run flax_classifier 80 python3 bench/throughput.py --mode infer --batch 1 --seq 128 --classifier .devdata/distilbert-tok
+  run flax_classifier_cached 80 python3 bench/throughput.py --mode infer --batch 1 --seq 128 --classifier .devdata/distilbert-tok
   ;;
 esac
 log done

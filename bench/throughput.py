@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flaxsst.config import ModelConfig, TrainSection, dtype_name, parse_dtype  # noqa: E402
 from flaxsst.model import DistilBertForSequenceClassification, init_params  # noqa: E402
-from flaxsst.steps import create_train_state, linear_warmup_decay, make_optimizer, p_train_step, replicate, shard  # noqa: E402
+from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_optimizer  # noqa: E402
 
 # Dense peak of an H100 SXM (datasheet, no sparsity). The bench also prints the measured
 # bf16 matmul ceiling of ../shared/bench/README.md (~790 TFLOP/s) for reference.
@@ -69,32 +69,30 @@ def _time(call, steps: int, windows: int = 5) -> list[float]:
     return out
 
 
-def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, steps: int, config: ModelConfig) -> dict:
+def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, steps: int, config: ModelConfig,
+               kind: str = "pmap") -> dict:
     config = config.replace(dtype=parse_dtype(dtype))
-    devices = jax.local_devices()[:n_devices]
+    parallel = DataParallel(kind, jax.local_devices()[:n_devices])
     if batch % n_devices:
         raise SystemExit(f"--batch {batch} does not divide over {n_devices} devices")
     model = DistilBertForSequenceClassification(config)
     params = init_params(config, 0)
-    host_batch = shard(_batch(batch, seq, config.vocab_size), n_devices)
-    device_batch = jax.device_put(host_batch, jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.array(devices), ("batch",)), jax.sharding.PartitionSpec("batch")))
+    device_batch = parallel.put_batch(_batch(batch, seq, config.vocab_size))
     if mode == "train":
         train = TrainSection(learning_rate=1e-5, warmup_steps=600)
         optimizer = make_optimizer(train, 6315)
-        step = p_train_step(model, optimizer, linear_warmup_decay(1e-5, 600, 6315), devices=devices)
-        state = [replicate(create_train_state(params, optimizer, 0), devices)]
+        step = parallel.train_step(model, optimizer, linear_warmup_decay(1e-5, 600, 6315))
+        state = [parallel.put_state(create_train_state(params, optimizer, 0))]
 
         def call():
             state[0], metrics = step(state[0], device_batch)
             return metrics
     else:
-        forward = jax.pmap(lambda p, b: jax.nn.softmax(model.apply({"params": p}, b["input_ids"], b["attention_mask"])),
-                           axis_name="batch", devices=devices)
-        replicated = replicate(jax.tree_util.tree_map(lambda x: np.asarray(x), params), devices)
+        forward = parallel.eval_step(model)
+        placed = parallel.put_state(jax.device_get(params))
 
         def call():
-            return forward(replicated, device_batch)
+            return forward(placed, device_batch)
     start = time.perf_counter()
     jax.block_until_ready(call())
     first_call = time.perf_counter() - start
@@ -104,7 +102,7 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     flops = forward_flops(config, seq) * batch * (3 if mode == "train" else 1)
     peak = PEAK_TFLOPS[dtype_name(config.dtype)]
     return {
-        "what": f"flaxsst_{mode}", "batch": batch, "seq": seq, "dtype": dtype_name(config.dtype),
+        "what": f"flaxsst_{mode}", "parallel": kind, "batch": batch, "seq": seq, "dtype": dtype_name(config.dtype),
         "devices": n_devices, "step_ms": round(step_s * 1e3, 3), "examples_per_s": round(batch / step_s, 1),
         "tokens_per_s": round(batch * seq / step_s), "tflops": round(flops / step_s / 1e12, 1),
         "mfu": round(flops / step_s / 1e12 / peak, 3), "peak_tflops": peak,
@@ -141,9 +139,11 @@ def plot_sweep(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, mode in zip(axes, ("train", "infer")):
         for seq in sorted({r["seq"] for r in rows}):
-            points = sorted((r["batch"], r["examples_per_s"]) for r in rows if r["what"] == f"flaxsst_{mode}" and r["seq"] == seq)
-            if points:
-                ax.plot(*zip(*points), "o-", label=f"seq {seq}")
+            for kind in sorted({r["parallel"] for r in rows}):
+                points = sorted((r["batch"], r["examples_per_s"]) for r in rows
+                                if r["what"] == f"flaxsst_{mode}" and r["seq"] == seq and r["parallel"] == kind)
+                if points:
+                    ax.plot(*zip(*points), "o-", label=f"seq {seq}, {kind}")
         ax.set(xscale="log", xlabel="batch size", ylabel="examples / s", title=f"{mode} ({rows[0]['dtype']}, {jax.devices()[0].device_kind})")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["train", "infer", "both"], default="both")
     parser.add_argument("--devices", type=int, default=jax.local_device_count())
     parser.add_argument("--steps", type=int, default=20, help="dispatches per timed window")
+    parser.add_argument("--parallel", nargs="+", default=["pmap"], choices=["pmap", "shard_map"])
     parser.add_argument("--sweep", action="store_true", help="batch 32..512 (train) / 64..2048 (infer) at seq 32, 64, 128")
     parser.add_argument("--png", help="plot of examples/s against batch size")
     parser.add_argument("--classifier", metavar="TOKENIZER_DIR", help="also time Classifier on one sentence")
@@ -176,10 +177,11 @@ def main() -> None:
     else:
         cases = [(m, b, s) for m in modes for b in args.batch for s in args.seq]
     rows = []
-    for mode, batch, seq in cases:
-        row = bench_case(mode, batch, seq, args.dtype, args.devices, args.steps, config)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for kind in args.parallel:
+        for mode, batch, seq in cases:
+            row = bench_case(mode, batch, seq, args.dtype, args.devices, args.steps, config, kind)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if args.png and rows:
         plot_sweep(rows, args.png)
     if args.classifier:

@@ -201,6 +201,7 @@ class TrainSection:
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 2
     precompile: bool = True  # compile every bucket's programs up front, in parallel
+    parallel: str = "pmap"  # "pmap", or "shard_map" (jax.jit + jax.shard_map of the same per-device step)
 
 
 @dataclasses.dataclass
@@ -278,6 +279,8 @@ def _validate(config: TrainConfig) -> None:
                 value = getattr(value, part)
             raise ConfigError(f"config key {key!r} = {value!r}; expected {want}")
     parse_dtype(config.model.dtype)
+    if config.train.parallel not in ("pmap", "shard_map"):
+        raise ConfigError(f"config key 'train.parallel' = {config.train.parallel!r}; expected 'pmap' or 'shard_map'")
 
 
 def train_config_to_yaml(config: TrainConfig) -> str:

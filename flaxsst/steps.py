@@ -152,3 +152,84 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
 def unreplicate(tree: Any) -> Any:
     """The first local device's copy, fetched to the host as numpy."""
     return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
+
+
+class DataParallel:
+    """Maps the pure per-device steps over devices, one of two ways:
+
+    - ``"pmap"``: ``jax.pmap``; state is stacked per device, batches are ``[devices, rows/devices, ...]``.
+    - ``"shard_map"``: ``jax.jit`` of ``jax.shard_map`` over a one-axis mesh of all devices; state is one
+      replicated global array per leaf and batches are ``[rows, ...]`` split over the mesh. The same
+      ``train_step``/``eval_step`` run inside; jit's dispatch is cheaper per call than pmap's.
+
+    Both span every process's devices when ``jax.distributed`` is initialised; each process passes
+    its own rows of a global batch.
+    """
+
+    def __init__(self, kind: str = "pmap", devices: Sequence[jax.Device] | None = None):
+        if kind not in ("pmap", "shard_map"):
+            raise ValueError(f"parallel={kind!r}; expected 'pmap' or 'shard_map'")
+        self.kind = kind
+        if kind == "pmap":
+            self.devices = list(devices) if devices else None
+            self.local_count = len(devices) if devices else jax.local_device_count()
+        else:
+            self.devices = list(devices or jax.devices())
+            self.mesh = Mesh(np.array(self.devices), (AXIS,))
+            self.local_count = sum(d.process_index == jax.process_index() for d in self.devices)
+
+    def train_step(self, model: nn.Module, optimizer, schedule: Callable, deterministic: bool = False):
+        if self.kind == "pmap":
+            return p_train_step(model, optimizer, schedule, self.devices, deterministic)
+        fn = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, deterministic=deterministic)
+        # check_vma=False: the step does its own psum, as under pmap. With the check on, grad of the
+        # replicated params would come back already summed over devices (the transpose of the implicit
+        # pvary), and the explicit psum would count every gradient n_devices times.
+        mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
+                               out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
+        return jax.jit(mapped, donate_argnums=(0,))
+
+    def eval_step(self, model: nn.Module):
+        if self.kind == "pmap":
+            return p_eval_step(model, self.devices)
+        mapped = jax.shard_map(functools.partial(eval_step, model=model), mesh=self.mesh,
+                               in_specs=(PartitionSpec(), PartitionSpec(AXIS)), out_specs=PartitionSpec(AXIS),
+                               check_vma=False)
+        return jax.jit(mapped)
+
+    def put_state(self, tree: Any) -> Any:
+        """Host state -> device state as the steps take it (every process passes the same values)."""
+        if self.kind == "pmap":
+            return replicate(tree, self.devices)
+        # From host copies: device_put of arrays already on the device could alias them, and the
+        # donating train step would then delete the caller's arrays.
+        return jax.device_put(jax.device_get(tree), NamedSharding(self.mesh, PartitionSpec()))
+
+    def put_batch(self, rows: dict) -> dict:
+        """This process's rows of a global batch -> the step's batch argument."""
+        if self.kind == "pmap":
+            return shard(rows, self.local_count)
+        shard(rows, self.local_count)  # the same divisibility check and message
+        sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in rows.items()}
+
+    def get(self, tree: Any) -> Any:
+        """Device state or metrics -> one host copy (numpy)."""
+        if self.kind == "pmap":
+            return unreplicate(tree)
+        return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+    def rows(self, x: jax.Array) -> np.ndarray:
+        """An eval output -> numpy ``[global rows, ...]`` in global batch order, on every process."""
+        if self.kind == "pmap":
+            local = np.asarray(x).reshape(-1, *x.shape[2:])
+            if jax.process_count() == 1:
+                return local
+            from jax.experimental import multihost_utils
+
+            return np.concatenate(list(multihost_utils.process_allgather(local)))
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))

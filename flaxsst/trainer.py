@@ -37,17 +37,7 @@ from flaxsst.data import (
 from flaxsst.metrics import classification_metrics, format_table
 from flaxsst.model import DistilBertForSequenceClassification, init_params
 from flaxsst.predict import enable_compilation_cache
-from flaxsst.steps import (
-    TrainState,
-    create_train_state,
-    linear_warmup_decay,
-    make_optimizer,
-    p_eval_step,
-    p_train_step,
-    replicate,
-    shard,
-    unreplicate,
-)
+from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_optimizer
 from flaxsst.tokenizer import Tokenizer
 
 logger = logging.getLogger("flaxsst")
@@ -173,35 +163,29 @@ class MetricLog:
 
 # ---- evaluation -------------------------------------------------------------------------------
 
-def _gather_rows(x: np.ndarray) -> np.ndarray:
-    """Concatenate every process's rows, process 0 first (identity with one process)."""
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return np.concatenate(list(multihost_utils.process_allgather(x)))
-
-
-def predict_split(p_eval: Callable, params: Any, split: TokenizedSplit, batch_size: int, buckets, max_seq_length: int,
-                  pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and per-example loss of every example of ``split``, each counted exactly once."""
+def eval_rows(batch_size: int) -> int:
+    """Rows of a global eval batch: ``batch_size`` rounded down to a multiple of the device count."""
     n_devices = jax.device_count()
-    rows = max(n_devices, batch_size // n_devices * n_devices)
+    return max(n_devices, batch_size // n_devices * n_devices)
+
+
+def predict_split(parallel: DataParallel, p_eval: Callable, params: Any, split: TokenizedSplit, batch_size: int,
+                  buckets, max_seq_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and per-example loss of every example of ``split``, each counted exactly once."""
+    rows = eval_rows(batch_size)
     all_logits, all_losses = [], []
     for indices in eval_index_batches(len(split), rows):
         batch = host_rows(make_batch(split, indices, rows, buckets, max_seq_length, pad_id),
                           jax.process_index(), jax.process_count())
-        out = p_eval(params, shard(batch, jax.local_device_count()))
-        logits = _gather_rows(np.asarray(out["logits"]).reshape(-1, out["logits"].shape[-1]))
-        losses = _gather_rows(np.asarray(out["loss"]).reshape(-1))
-        all_logits.append(logits[: len(indices)])
-        all_losses.append(losses[: len(indices)])
+        out = p_eval(params, parallel.put_batch(batch))
+        all_logits.append(parallel.rows(out["logits"])[: len(indices)])
+        all_losses.append(parallel.rows(out["loss"])[: len(indices)])
     return np.concatenate(all_logits), np.concatenate(all_losses)
 
 
-def evaluate(p_eval: Callable, params: Any, split: TokenizedSplit, model_config: ModelConfig, config: TrainConfig,
-             pad_id: int) -> dict:
-    logits, _ = predict_split(p_eval, params, split, config.train.eval_batch_size, config.data.length_buckets,
+def evaluate(parallel: DataParallel, p_eval: Callable, params: Any, split: TokenizedSplit, model_config: ModelConfig,
+             config: TrainConfig, pad_id: int) -> dict:
+    logits, _ = predict_split(parallel, p_eval, params, split, config.train.eval_batch_size, config.data.length_buckets,
                               config.data.max_seq_length, pad_id)
     return classification_metrics(split.labels, logits, model_config.num_labels)
 
@@ -290,8 +274,9 @@ class Trainer:
         self.optimizer = make_optimizer(config.train, self.total_steps)
         self.model = DistilBertForSequenceClassification(self.model_config)
         self.state = create_train_state(params, self.optimizer, seed)
-        self.p_train = p_train_step(self.model, self.optimizer, self.schedule)
-        self.p_eval = p_eval_step(self.model)
+        self.parallel = DataParallel(config.train.parallel)
+        self.p_train = self.parallel.train_step(self.model, self.optimizer, self.schedule)
+        self.p_eval = self.parallel.eval_step(self.model)
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", config.train.keep_checkpoints)
         self.best = Checkpoints(self.workdir / "checkpoints" / "best", 1)
         self.log = MetricLog(self.workdir, self.is_main)
@@ -301,14 +286,14 @@ class Trainer:
         indices = train_batch_indices(step, len(self.train_split), config.train.global_batch_size, config.train.seed)
         batch = make_batch(self.train_split, indices, config.train.global_batch_size, config.data.length_buckets,
                            config.data.max_seq_length, self.tokenizer.pad_id)
-        return shard(host_rows(batch, jax.process_index(), jax.process_count()), jax.local_device_count())
+        return self.parallel.put_batch(host_rows(batch, jax.process_index(), jax.process_count()))
 
     def _is_eval_step(self, step: int) -> bool:
         every = self.config.train.eval_every_steps
         return step == self.end_step or (every > 0 and step % every == 0) or (every <= 0 and step % self.steps_per_epoch == 0)
 
     def _save(self, step: int, meta: dict) -> Path:
-        return self.checkpoints.save(step, unreplicate(self.pstate), meta)
+        return self.checkpoints.save(step, self.parallel.get(self.pstate), meta)
 
     def run(self) -> TrainResult:
         self._setup()
@@ -320,7 +305,7 @@ class Trainer:
             self.state = jax.tree_util.tree_map(np.asarray, restored)
             start = int(self.state.step)
             logger.info("resuming from %s at step %d", self.checkpoints.directory / str(latest), start)
-        self.pstate = replicate(self.state)
+        self.pstate = self.parallel.put_state(self.state)
         del self.state
         compile_seconds = self._compile_all() if config.train.precompile else 0.0
         self.side_seconds = 0.0  # evaluation and checkpointing inside the loop
@@ -355,7 +340,7 @@ class Trainer:
                         progress.write(f"interrupted: checkpoint saved at step {done} in {last_checkpoint}; "
                                        f"rerun the same command to resume")
                     return TrainResult(done, False, meta["best_accuracy"], eval_metrics, None,
-                                       unreplicate(self.pstate.params), compile_seconds,
+                                       self.parallel.get(self.pstate.params), compile_seconds,
                                        time.perf_counter() - loop_start - self.side_seconds)
             if pending is not None:
                 self._account(pending, window, progress, last_checkpoint)
@@ -368,7 +353,7 @@ class Trainer:
         self.best.close()
         self.log.close()
         return TrainResult(self.end_step, True, meta["best_accuracy"], final or eval_metrics, export_dir,
-                           unreplicate(self.pstate.params), compile_seconds, train_seconds)
+                           self.parallel.get(self.pstate.params), compile_seconds, train_seconds)
 
     def _compile_all(self) -> float:
         """Compile the train and eval programs of every bucket length at once, in threads (XLA
@@ -378,23 +363,21 @@ class Trainer:
 
         config = self.config
         lengths = sorted(set(config.data.length_buckets) | {config.data.max_seq_length})
-        n_local = jax.local_device_count()
         train_rows = config.train.global_batch_size // jax.process_count()
-        n_global = jax.device_count()
-        eval_rows = max(n_global, config.train.eval_batch_size // n_global * n_global) // jax.process_count()
-        host_state = unreplicate(self.pstate)
+        eval_rows_here = eval_rows(config.train.eval_batch_size) // jax.process_count()
+        host_state = self.parallel.get(self.pstate)
 
         def dummy(rows: int, length: int) -> dict:
             zeros = np.zeros((rows, length), np.int32)
-            return shard({"input_ids": zeros, "attention_mask": zeros + 1, "labels": np.zeros(rows, np.int32),
-                          "weights": np.zeros(rows, np.float32)}, n_local)
+            return self.parallel.put_batch({"input_ids": zeros, "attention_mask": zeros + 1,
+                                            "labels": np.zeros(rows, np.int32), "weights": np.zeros(rows, np.float32)})
 
         def train_program(length: int) -> None:
-            _, metrics = self.p_train(replicate(host_state), dummy(train_rows, length))
+            _, metrics = self.p_train(self.parallel.put_state(host_state), dummy(train_rows, length))
             jax.block_until_ready(metrics)
 
         def eval_program(length: int) -> None:
-            jax.block_until_ready(self.p_eval(self.pstate.params, dummy(eval_rows, length)))
+            jax.block_until_ready(self.p_eval(self.pstate.params, dummy(eval_rows_here, length)))
 
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=2 * len(lengths)) as pool:
@@ -408,12 +391,13 @@ class Trainer:
     def _progress(self, start: int):
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.end_step, initial=start, desc="train", unit="step", disable=not self.is_main,
+        # disable=None: no bar when stderr is not a terminal (logs stay readable)
+        return tqdm(total=self.end_step, initial=start, desc="train", unit="step", disable=None if self.is_main else True,
                     dynamic_ncols=True)
 
     def _account(self, pending, window: dict, progress, last_checkpoint) -> None:
         step, metrics = pending
-        values = {k: float(v.reshape(())) for k, v in jax.device_get({k: v.addressable_data(0) for k, v in metrics.items()}).items()}
+        values = {k: float(np.asarray(v).reshape(())) for k, v in self.parallel.get(metrics).items()}
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(
                 f"loss is {values['loss']} at step {step}; last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}"
@@ -439,22 +423,20 @@ class Trainer:
             window.update(loss=0.0, accuracy=0.0, examples=0.0, steps=0, t0=time.perf_counter())
 
     def _evaluate(self, step: int, meta: dict) -> dict:
-        metrics = evaluate(self.p_eval, self.pstate.params, self.eval_split, self.model_config, self.config, self.tokenizer.pad_id)
+        metrics = evaluate(self.parallel, self.p_eval, self.pstate.params, self.eval_split, self.model_config, self.config, self.tokenizer.pad_id)
         self.log.write("eval", step, {k: v for k, v in metrics.items() if k != "confusion_matrix"})
         if meta["best_accuracy"] is None or metrics["accuracy"] > meta["best_accuracy"]:
             meta.update(best_accuracy=metrics["accuracy"], best_step=step)
-            self.best.save(step, {"params": unreplicate(self.pstate.params)}, {"step": step, **metrics})
+            self.best.save(step, {"params": self.parallel.get(self.pstate.params)}, {"step": step, **metrics})
         return metrics
 
     def _export(self, meta: dict) -> tuple[Path | None, dict | None]:
         """Export the best checkpoint in HF layout, write its ``eval_results.json`` and the curves PNG."""
         best_step = self.best.latest_step()
-        if best_step is None:
-            params = unreplicate(self.pstate.params)
-        else:
-            template = {"params": unreplicate(self.pstate.params)}
-            params = self.best.restore(best_step, template)[0]["params"]
-        final = evaluate(self.p_eval, replicate(params), self.eval_split, self.model_config, self.config,
+        params = self.parallel.get(self.pstate.params)
+        if best_step is not None:
+            params = self.best.restore(best_step, {"params": params})[0]["params"]
+        final = evaluate(self.parallel, self.p_eval, self.parallel.put_state(params), self.eval_split, self.model_config, self.config,
                          self.tokenizer.pad_id)
         if not self.is_main:
             return None, final
@@ -490,8 +472,9 @@ def evaluate_pretrained(model: str, config: TrainConfig, output: str | os.PathLi
     tokenizer = Tokenizer.from_pretrained(model, config.data.max_seq_length)
     cache_dir = Path(config.data.cache_dir or Path(output or ".") / "cache")
     split = load_tokenized(config.data, config.data.eval_split, tokenizer, model_config.label2id, cache_dir, config.train.seed)
-    p_eval = p_eval_step(DistilBertForSequenceClassification(model_config))
-    metrics = evaluate(p_eval, replicate(params), split, model_config, config, tokenizer.pad_id)
+    parallel = DataParallel(config.train.parallel)
+    p_eval = parallel.eval_step(DistilBertForSequenceClassification(model_config))
+    metrics = evaluate(parallel, p_eval, parallel.put_state(params), split, model_config, config, tokenizer.pad_id)
     if jax.process_index() == 0:
         print(f"{split.source}: {len(split)} examples, model {model}")
         print(format_table(metrics, model_config.id2label))

@@ -6,12 +6,12 @@ import numpy as np
 from flaxsst.config import ModelConfig, TrainSection
 from flaxsst.data import TokenizedSplit, host_rows, make_batch
 from flaxsst.model import DistilBertForSequenceClassification, init_params
-from flaxsst.steps import create_train_state, linear_warmup_decay, make_optimizer, p_train_step, replicate, shard, unreplicate
+from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_optimizer
 
 GLOBAL_BATCH = 8
 
 
-def one_step(process_index: int, process_count: int, devices=None):
+def one_step(process_index: int, process_count: int, devices=None, kind: str = "pmap"):
     """One train step on this process's rows of a fixed global batch (6 real rows of 8); -> (params, examples)."""
     config = ModelConfig(vocab_size=60, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32,
                          dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
@@ -21,9 +21,9 @@ def one_step(process_index: int, process_count: int, devices=None):
     batch = make_batch(split, np.arange(6), GLOBAL_BATCH, [16], 16)
     train = TrainSection(learning_rate=1e-2, warmup_steps=0)
     optimizer = make_optimizer(train, 10)
-    devices = devices or jax.local_devices()
-    step = p_train_step(DistilBertForSequenceClassification(config), optimizer,
-                        linear_warmup_decay(train.learning_rate, 0, 10), devices=devices if process_count == 1 else None)
-    state = replicate(create_train_state(init_params(config, 3), optimizer, seed=0), devices)
-    state, metrics = step(state, shard(host_rows(batch, process_index, process_count), len(devices)))
-    return unreplicate(state.params), float(unreplicate(metrics)["examples"])
+    parallel = DataParallel(kind, devices)
+    step = parallel.train_step(DistilBertForSequenceClassification(config), optimizer,
+                               linear_warmup_decay(train.learning_rate, 0, 10))
+    state = parallel.put_state(create_train_state(init_params(config, 3), optimizer, seed=0))
+    state, metrics = step(state, parallel.put_batch(host_rows(batch, process_index, process_count)))
+    return parallel.get(state.params), float(parallel.get(metrics)["examples"])

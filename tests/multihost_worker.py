@@ -1,4 +1,4 @@
-"""One process of a two-process run: ``python -m tests.multihost_worker PROCESS_ID PORT OUT_DIR``.
+"""One process of a two-process run: ``python -m tests.multihost_worker PROCESS_ID PORT OUT_DIR pmap|shard_map``.
 
 Each process has 2 CPU devices, joins through ``jax.distributed``, reads its own half of a
 global batch (``host_rows``) and runs one pmap train step over all 4 devices.
@@ -17,11 +17,11 @@ from tests.multihost_case import one_step  # noqa: E402
 
 
 def main() -> None:
-    process_id, port, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    process_id, port, out_dir, kind = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     assert jax.device_count() == 4 and jax.local_device_count() == 2
-    params, examples = one_step(jax.process_index(), jax.process_count())
+    params, examples = one_step(jax.process_index(), jax.process_count(), kind=kind)
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
     np.savez(os.path.join(out_dir, f"params-{process_id}.npz"), examples=examples, **flat)
     jax.distributed.shutdown()

@@ -9,7 +9,7 @@ from flaxsst.config import ModelConfig
 from flaxsst.data import TokenizedSplit
 from flaxsst.metrics import classification_metrics, format_table, roc_auc
 from flaxsst.model import DistilBertForSequenceClassification, init_params
-from flaxsst.steps import p_eval_step, replicate
+from flaxsst.steps import DataParallel
 from flaxsst.trainer import predict_split
 
 
@@ -38,7 +38,8 @@ def _assert_matches_sklearn(labels, logits):
     assert ours["num_examples"] == len(labels)
 
 
-def test_eval_on_8_devices_counts_all_872_examples_once_and_metrics_equal_sklearn():
+@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
+def test_eval_on_8_devices_counts_all_872_examples_once_and_metrics_equal_sklearn(kind):
     assert jax.device_count() == 8
     config = ModelConfig(vocab_size=200, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
     params = init_params(config, 1)
@@ -47,8 +48,9 @@ def test_eval_on_8_devices_counts_all_872_examples_once_and_metrics_equal_sklear
     labels = rng.integers(0, 2, 872).astype(np.int32)
     split = TokenizedSplit("validation", "random", token_ids, labels)
     model = DistilBertForSequenceClassification(config)
-    logits, losses = predict_split(p_eval_step(model), replicate(params), split, batch_size=100, buckets=[16, 32, 64],
-                                   max_seq_length=64, pad_id=0)
+    parallel = DataParallel(kind)
+    logits, losses = predict_split(parallel, parallel.eval_step(model), parallel.put_state(params), split, batch_size=100,
+                                   buckets=[16, 32, 64], max_seq_length=64, pad_id=0)
     assert logits.shape == (872, 2) and losses.shape == (872,)
     for i in (0, 1, 95, 96, 500, 871):  # each row is its own example, in order
         alone = model.apply({"params": params}, token_ids[i][None], np.ones((1, len(token_ids[i])), np.int32))

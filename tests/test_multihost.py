@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from tests.multihost_case import one_step
 
@@ -20,10 +21,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_end_with_identical_params_equal_to_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
+def test_two_processes_end_with_identical_params_equal_to_one_process(tmp_path, kind):
     port = str(_free_port())
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), port, str(tmp_path)],
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), port, str(tmp_path), kind],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]
     for worker in workers:
@@ -35,7 +37,7 @@ def test_two_processes_end_with_identical_params_equal_to_one_process(tmp_path):
         np.testing.assert_array_equal(first[key], second[key])
     assert float(first["examples"]) == 6.0  # the psum saw both hosts' rows
 
-    params, examples = one_step(0, 1, devices=jax.devices()[:4])
+    params, examples = one_step(0, 1, devices=jax.devices()[:4], kind=kind)
     assert examples == 6.0
     single = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
     assert single.keys() == first.keys() - {"examples"}

@@ -9,17 +9,7 @@ import transformers
 from flaxsst.config import TrainSection
 from flaxsst.convert import config_from_hf, state_dict_to_params
 from flaxsst.model import DistilBertForSequenceClassification
-from flaxsst.steps import (
-    AXIS,
-    create_train_state,
-    dropout_key,
-    linear_warmup_decay,
-    make_optimizer,
-    p_train_step,
-    replicate,
-    shard,
-    unreplicate,
-)
+from flaxsst.steps import AXIS, DataParallel, create_train_state, dropout_key, linear_warmup_decay, make_optimizer, shard
 from tests.fixtures import random_ids, tiny_hf_config
 
 
@@ -55,26 +45,27 @@ def _batch(rows, real, seq=24, seed=0):
             "labels": labels.astype(np.int32), "weights": weights}
 
 
-def _run_steps(config, params, batches, n_devices, train, total):
-    devices = jax.devices()[:n_devices]
+def _run_steps(config, params, batches, n_devices, train, total, kind="pmap"):
+    parallel = DataParallel(kind, jax.devices()[:n_devices])
     optimizer = make_optimizer(train, total)
-    step = p_train_step(DistilBertForSequenceClassification(config), optimizer,
-                        linear_warmup_decay(train.learning_rate, train.warmup_steps, total), devices=devices)
-    state = replicate(create_train_state(params, optimizer, seed=0), devices)
+    step = parallel.train_step(DistilBertForSequenceClassification(config), optimizer,
+                               linear_warmup_decay(train.learning_rate, train.warmup_steps, total))
+    state = parallel.put_state(create_train_state(params, optimizer, seed=0))
     history = []
     for batch in batches:
-        state, metrics = step(state, shard(batch, n_devices))
-        history.append(unreplicate(metrics))
-    return unreplicate(state.params), history
+        state, metrics = step(state, parallel.put_batch(batch))
+        history.append(parallel.get(metrics))
+    return parallel.get(state.params), history
 
 
+@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
 @pytest.mark.parametrize("real_rows", [32, 21], ids=["full-batch", "ragged-last-batch"])
-def test_one_step_on_8_devices_equals_1_device(real_rows):
+def test_one_step_on_8_devices_equals_1_device(real_rows, kind):
     _, config, params = _tiny()
     train = TrainSection(learning_rate=1e-3, warmup_steps=0, weight_decay=0.01)
     batch = _batch(32, real_rows)
-    on_8, metrics_8 = _run_steps(config, params, [batch], 8, train, total=10)
-    on_1, metrics_1 = _run_steps(config, params, [batch], 1, train, total=10)
+    on_8, metrics_8 = _run_steps(config, params, [batch], 8, train, total=10, kind=kind)
+    on_1, metrics_1 = _run_steps(config, params, [batch], 1, train, total=10, kind=kind)
     for a, b in zip(jax.tree_util.tree_leaves(on_8), jax.tree_util.tree_leaves(on_1)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     assert metrics_8[0]["examples"] == metrics_1[0]["examples"] == real_rows
@@ -105,11 +96,12 @@ def _torch_reference_steps(hf, batches, train, total):
     return {k: v.detach().numpy() for k, v in hf.state_dict().items()}
 
 
-def test_train_steps_equal_pytorch_adamw_clip_and_schedule():
+@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
+def test_train_steps_equal_pytorch_adamw_clip_and_schedule(kind):
     hf, config, params = _tiny(seed=3)
     train = TrainSection(learning_rate=5e-3, warmup_steps=2, weight_decay=0.01, max_grad_norm=1.0)
     batches = [_batch(16, 16, seed=s) for s in range(3)] + [_batch(16, 9, seed=9)]
-    ours, _ = _run_steps(config, params, batches, 8, train, total=10)
+    ours, _ = _run_steps(config, params, batches, 8, train, total=10, kind=kind)
     reference = _torch_reference_steps(hf, batches, train, total=10)
     expected, _ = state_dict_to_params(reference, config, "distilbert")
     for path, (a, b) in zip(jax.tree_util.tree_leaves_with_path(ours),

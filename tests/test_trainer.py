@@ -32,18 +32,19 @@ def _assert_bitwise_equal(a, b):
         assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_interrupted_and_rerun_training_equals_an_uninterrupted_run_bitwise(tmp_path):
-    uninterrupted = Trainer(_config(), tmp_path / "a").run()
+@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
+def test_interrupted_and_rerun_training_equals_an_uninterrupted_run_bitwise(tmp_path, kind):
+    uninterrupted = Trainer(_config(f"train.parallel={kind}"), tmp_path / "a").run()
     assert uninterrupted.finished and uninterrupted.step == 20  # ceil(300 / 32) = 10 steps x 2 epochs
 
     def interrupt_at_7(trainer, step):
         if step == 7:
             trainer.request_stop()
 
-    first = Trainer(_config(), tmp_path / "b", on_step=interrupt_at_7).run()
+    first = Trainer(_config(f"train.parallel={kind}"), tmp_path / "b", on_step=interrupt_at_7).run()
     assert not first.finished and first.step == 7
     assert (tmp_path / "b" / "checkpoints" / "7").is_dir()
-    resumed = Trainer(_config(), tmp_path / "b").run()
+    resumed = Trainer(_config(f"train.parallel={kind}"), tmp_path / "b").run()
     assert resumed.finished and resumed.step == 20
     _assert_bitwise_equal(uninterrupted.params, resumed.params)
     assert resumed.best_accuracy == uninterrupted.best_accuracy
