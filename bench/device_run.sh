@@ -44,6 +44,9 @@ inference)  # the batch sweep, inference, Classifier latency (second process: pe
   run flax_infer 150 python3 bench/throughput.py --mode infer --batch 64 256 1024 2048 --seq 128 --parallel ${PARALLEL:-shard_map}
   run flax_classifier 80 python3 bench/throughput.py --mode infer --batch 1 --seq 128 --classifier .devdata/distilbert-tok
   run flax_classifier_cached 80 python3 bench/throughput.py --mode infer --batch 1 --seq 128 --classifier .devdata/distilbert-tok
+  run flax_rbg 120 python3 bench/throughput.py --mode train --batch 32 256 --seq 128 --prng unsafe_rbg
+  run flax_graphs 90 env XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" \
+    python3 bench/throughput.py --mode train --batch 32 --seq 32 --prng unsafe_rbg
   ;;
 esac
 log done

@@ -102,7 +102,7 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     flops = forward_flops(config, seq) * batch * (3 if mode == "train" else 1)
     peak = PEAK_TFLOPS[dtype_name(config.dtype)]
     return {
-        "what": f"flaxsst_{mode}", "parallel": kind, "batch": batch, "seq": seq, "dtype": dtype_name(config.dtype),
+        "what": f"flaxsst_{mode}", "parallel": kind, "prng": jax.config.jax_default_prng_impl, "batch": batch, "seq": seq, "dtype": dtype_name(config.dtype),
         "devices": n_devices, "step_ms": round(step_s * 1e3, 3), "examples_per_s": round(batch / step_s, 1),
         "tokens_per_s": round(batch * seq / step_s), "tflops": round(flops / step_s / 1e12, 1),
         "mfu": round(flops / step_s / 1e12 / peak, 3), "peak_tflops": peak,
@@ -160,12 +160,15 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=jax.local_device_count())
     parser.add_argument("--steps", type=int, default=20, help="dispatches per timed window")
     parser.add_argument("--parallel", nargs="+", default=["pmap"], choices=["pmap", "shard_map"])
+    parser.add_argument("--prng", default="threefry2x32", choices=["threefry2x32", "rbg", "unsafe_rbg"],
+                        help="dropout's PRNG (train.prng_impl)")
     parser.add_argument("--sweep", action="store_true", help="batch 32..512 (train) / 64..2048 (infer) at seq 32, 64, 128")
     parser.add_argument("--png", help="plot of examples/s against batch size")
     parser.add_argument("--classifier", metavar="TOKENIZER_DIR", help="also time Classifier on one sentence")
     args = parser.parse_args()
 
     config = ModelConfig()  # DistilBERT-base
+    jax.config.update("jax_default_prng_impl", args.prng)
     print(json.dumps({"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
                       "devices": args.devices}), flush=True)
     cases = []

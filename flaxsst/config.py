@@ -202,6 +202,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     precompile: bool = True  # compile every bucket's programs up front, in parallel
     parallel: str = "pmap"  # "pmap", or "shard_map" (jax.jit + jax.shard_map of the same per-device step)
+    prng_impl: str = "threefry2x32"  # dropout's PRNG: "threefry2x32" (JAX's default), "rbg" or "unsafe_rbg" (XLA's, faster on GPU)
 
 
 @dataclasses.dataclass
@@ -279,6 +280,9 @@ def _validate(config: TrainConfig) -> None:
                 value = getattr(value, part)
             raise ConfigError(f"config key {key!r} = {value!r}; expected {want}")
     parse_dtype(config.model.dtype)
+    if config.train.prng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
+        raise ConfigError(f"config key 'train.prng_impl' = {config.train.prng_impl!r}; "
+                          "expected 'threefry2x32', 'rbg' or 'unsafe_rbg'")
     if config.train.parallel not in ("pmap", "shard_map"):
         raise ConfigError(f"config key 'train.parallel' = {config.train.parallel!r}; expected 'pmap' or 'shard_map'")
 

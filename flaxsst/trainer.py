@@ -239,6 +239,8 @@ class Trainer:
                  on_step: Callable[["Trainer", int], None] | None = None):
         maybe_initialize_distributed(config)
         enable_compilation_cache()
+        # Process-wide: keys are raw uint32 arrays, read with the default implementation.
+        jax.config.update("jax_default_prng_impl", config.train.prng_impl)
         self.config = config
         self.workdir = Path(workdir)
         self.on_step = on_step
