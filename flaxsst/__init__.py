@@ -1,8 +1,15 @@
 """flaxsst: DistilBERT SST-2 sentiment in JAX/Flax, numerically identical to Hugging Face's PyTorch model."""
 
-from flaxsst.config import ModelConfig
-from flaxsst.predict import Classifier
-from flaxsst.tokenizer import Tokenizer
-
 __all__ = ["Classifier", "ModelConfig", "Tokenizer"]
 __version__ = "0.1.0"
+
+_WHERE = {"Classifier": "flaxsst.predict", "ModelConfig": "flaxsst.config", "Tokenizer": "flaxsst.tokenizer"}
+
+
+def __getattr__(name: str):
+    # Imported on first use, so `python -m flaxsst.predict` does not import its own module twice.
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'flaxsst' has no attribute {name!r}")

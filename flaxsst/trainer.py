@@ -314,7 +314,7 @@ class Trainer:
         last_checkpoint = str(self.checkpoints.directory / str(latest)) if latest is not None else None
         previous_signals = self._install_signal_handlers()
         progress = self._progress(start)
-        window = {"loss": 0.0, "accuracy": 0.0, "examples": 0.0, "steps": 0, "t0": time.perf_counter()}
+        window = {"loss": 0.0, "accuracy": 0.0, "examples": 0.0, "t0": time.perf_counter()}
         eval_metrics = None
         pending = None  # (step, metrics on device): read one step behind so the host never stalls the device
         loop_start = time.perf_counter()
@@ -407,7 +407,6 @@ class Trainer:
         window["loss"] += values["loss"] * values["examples"]
         window["accuracy"] += values["accuracy"] * values["examples"]
         window["examples"] += values["examples"]
-        window["steps"] += 1
         progress.update(1)
         if step % self.config.train.log_every_steps == 0 or step == self.end_step:
             elapsed = time.perf_counter() - window["t0"]
@@ -422,7 +421,7 @@ class Trainer:
             self.log.write("train", step, record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
                                  ex_s=f"{record['examples_per_sec']:.0f}")
-            window.update(loss=0.0, accuracy=0.0, examples=0.0, steps=0, t0=time.perf_counter())
+            window.update(loss=0.0, accuracy=0.0, examples=0.0, t0=time.perf_counter())
 
     def _evaluate(self, step: int, meta: dict) -> dict:
         metrics = evaluate(self.parallel, self.p_eval, self.pstate.params, self.eval_split, self.model_config, self.config, self.tokenizer.pad_id)

@@ -1,6 +1,5 @@
 """The training step that the multi-host test runs in one process and in two."""
 
-import jax
 import numpy as np
 
 from flaxsst.config import ModelConfig, TrainSection
