@@ -150,8 +150,14 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-    """The first local device's copy, fetched to the host as numpy."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
+    """The first local device's copy, fetched to the host as numpy (host copies, as ``replicate``
+    leaves them across processes, are taken as they are)."""
+    def first(x):
+        if isinstance(x, jax.Array):
+            return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
+        return np.asarray(x)[0]
+
+    return jax.tree_util.tree_map(first, tree)
 
 
 class DataParallel:

@@ -359,8 +359,8 @@ class Trainer:
 
     def _compile_all(self) -> float:
         """Compile the train and eval programs of every bucket length at once, in threads (XLA
-        compiles outside the GIL), by running each on a throwaway copy of the state with batches
-        of weight 0. -> seconds taken."""
+        compiles outside the GIL; one process only), by running each on a throwaway copy of the
+        state with batches of weight 0. -> seconds taken."""
         from concurrent.futures import ThreadPoolExecutor
 
         config = self.config
@@ -382,7 +382,10 @@ class Trainer:
             jax.block_until_ready(self.p_eval(self.pstate.params, dummy(eval_rows_here, length)))
 
         start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=2 * len(lengths)) as pool:
+        # Across processes every collective (the programs' psums, device_put's cross-process check) must
+        # be issued in the same order everywhere, so there the programs compile one after another.
+        workers = 2 * len(lengths) if jax.process_count() == 1 else 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(train_program, n) for n in lengths] + [pool.submit(eval_program, n) for n in lengths]
             for future in futures:
                 future.result()

@@ -26,3 +26,19 @@ def one_step(process_index: int, process_count: int, devices=None, kind: str = "
     state = parallel.put_state(create_train_state(init_params(config, 3), optimizer, seed=0))
     state, metrics = step(state, parallel.put_batch(host_rows(batch, process_index, process_count)))
     return parallel.get(state.params), float(parallel.get(metrics)["examples"])
+
+
+TINY_RUN = ["data.synthetic_train_size=200", "data.synthetic_eval_size=60", "train.num_epochs=1",
+            "train.checkpoint_every_steps=3", "train.log_every_steps=2", "train.eval_batch_size=16"]
+
+
+def tiny_training_run(workdir: str, kind: str):
+    """conf/tiny.yaml, 7 steps (ragged last batch), checkpoints every 3 steps; -> TrainResult."""
+    from pathlib import Path
+
+    from flaxsst.config import load_train_config
+    from flaxsst.trainer import Trainer
+
+    config = load_train_config(Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml",
+                               TINY_RUN + [f"train.parallel={kind}"])
+    return Trainer(config, workdir).run()

@@ -1,7 +1,8 @@
-"""One process of a two-process run: ``python -m tests.multihost_worker PROCESS_ID PORT OUT_DIR pmap|shard_map``.
+"""One process of a two-process run: ``python -m tests.multihost_worker PROCESS_ID PORT OUT_DIR pmap|shard_map [train]``.
 
-Each process has 2 CPU devices, joins through ``jax.distributed``, reads its own half of a
-global batch (``host_rows``) and runs one pmap train step over all 4 devices.
+Each process has 2 CPU devices and joins through ``jax.distributed``. Without ``train`` it reads
+its own half of a global batch (``host_rows``) and runs one train step over all 4 devices; with
+``train`` it runs the whole ``Trainer`` on conf/tiny.yaml in the shared workdir OUT_DIR/run.
 """
 
 import os
@@ -21,7 +22,13 @@ def main() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     assert jax.device_count() == 4 and jax.local_device_count() == 2
-    params, examples = one_step(jax.process_index(), jax.process_count(), kind=kind)
+    if sys.argv[5:] == ["train"]:
+        from tests.multihost_case import tiny_training_run
+
+        result = tiny_training_run(os.path.join(out_dir, "run"), kind)
+        params, examples = result.params, result.eval_metrics["accuracy"]
+    else:
+        params, examples = one_step(jax.process_index(), jax.process_count(), kind=kind)
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
     np.savez(os.path.join(out_dir, f"params-{process_id}.npz"), examples=examples, **flat)
     jax.distributed.shutdown()
