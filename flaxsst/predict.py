@@ -125,16 +125,27 @@ class Classifier:
             rows *= 2
         return min(rows, self.batch_size)
 
-    def logits(self, texts: Sequence[str] | str) -> np.ndarray:
-        """float32 logits ``[len(texts), num_labels]``, in input order."""
+    def logits(self, texts: Sequence[str] | str, progress: bool | None = None) -> np.ndarray:
+        """float32 logits ``[len(texts), num_labels]``, in input order.
+
+        ``progress``: a tqdm bar over batches; ``None`` shows one for long inputs on a terminal.
+        """
+        from tqdm.auto import tqdm
+
         texts = validate_texts(texts)
         out = np.zeros((len(texts), self.config.num_labels), dtype=np.float32)
         if not texts:
             return out
         ids = self.tokenizer.encode(texts)
         order = np.argsort([len(seq) for seq in ids], kind="stable")
+        starts = range(0, len(order), self.batch_size)
+        if progress is None:
+            disable = None if len(starts) > 20 else True  # None: tqdm shows the bar only on a terminal
+        else:
+            disable = not progress
+        batches = starts if disable is True else tqdm(starts, desc="predict", unit="batch", disable=disable)
         pending = []
-        for start in range(0, len(order), self.batch_size):
+        for start in batches:
             chunk = order[start : start + self.batch_size]
             length = bucket_for(max(len(ids[i]) for i in chunk), self.buckets)
             rows = self._row_count(len(chunk))
@@ -144,9 +155,9 @@ class Classifier:
             out[chunk] = np.asarray(logits)[: len(chunk)]
         return out
 
-    def __call__(self, texts: Sequence[str] | str) -> list[dict[str, Any]]:
+    def __call__(self, texts: Sequence[str] | str, progress: bool | None = None) -> list[dict[str, Any]]:
         """``[{"label": "POSITIVE", "score": 0.9998}, ...]``, one per text, in input order."""
-        logits = self.logits(texts).astype(np.float64)
+        logits = self.logits(texts, progress).astype(np.float64)
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
         best = probs.argmax(axis=-1)

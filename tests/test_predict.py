@@ -121,3 +121,9 @@ def test_cli_rejects_a_bad_request_with_a_message(tiny_model_dir):
     assert result.returncode == 2 and "input_data" in result.stderr
     result = _cli(tiny_model_dir, json.dumps({"input_data": ["x", None]}))
     assert result.returncode == 2 and "input 1 is NoneType" in result.stderr
+
+
+def test_progress_bar_over_batches_when_asked(clf, capsys):
+    texts = ["the film was great"] * 9
+    assert clf(texts, progress=True) == clf(texts, progress=False)
+    assert "predict" in capsys.readouterr().err
