@@ -43,10 +43,6 @@ class TokenizedSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.array([len(t) for t in self.token_ids], dtype=np.int32)
-
 
 # ---- synthetic task ----------------------------------------------------------------------
 
