@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from flaxsst.config import DataSection
+from flaxsst.tokenizer import pad_right
 
 GLUE_FILES = {"train": "train", "validation": "dev", "dev": "dev", "test": "test"}
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -214,11 +215,7 @@ def make_batch(split: TokenizedSplit, indices: np.ndarray, rows: int, buckets: S
     """
     seqs = [split.token_ids[i] for i in indices]
     length = pick_length(max((len(s) for s in seqs), default=2), buckets, max_seq_length)
-    input_ids = np.full((rows, length), pad_id, dtype=np.int32)
-    mask = np.zeros((rows, length), dtype=np.int32)
-    for row, seq in enumerate(seqs):
-        input_ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
+    input_ids, mask = pad_right(seqs, rows, length, pad_id)
     labels = np.zeros(rows, dtype=np.int32)
     labels[: len(indices)] = split.labels[indices]
     weights = np.zeros(rows, dtype=np.float32)

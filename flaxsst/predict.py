@@ -24,10 +24,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from flaxsst.config import ModelConfig, parse_dtype
+from flaxsst.data import pick_length
+from flaxsst.metrics import softmax
 from flaxsst.model import DistilBertForSequenceClassification
-from flaxsst.tokenizer import Tokenizer
+from flaxsst.tokenizer import Tokenizer, pad_right
 
 
 def enable_compilation_cache() -> None:
@@ -49,13 +52,6 @@ def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
         length *= 2
     buckets.append(max_length)
     return tuple(buckets)
-
-
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    for bucket in buckets:
-        if length <= bucket:
-            return bucket
-    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
 
 
 def validate_texts(texts: Any) -> list[str]:
@@ -130,8 +126,6 @@ class Classifier:
 
         ``progress``: a tqdm bar over batches; ``None`` shows one for long inputs on a terminal.
         """
-        from tqdm.auto import tqdm
-
         texts = validate_texts(texts)
         out = np.zeros((len(texts), self.config.num_labels), dtype=np.float32)
         if not texts:
@@ -147,9 +141,8 @@ class Classifier:
         pending = []
         for start in batches:
             chunk = order[start : start + self.batch_size]
-            length = bucket_for(max(len(ids[i]) for i in chunk), self.buckets)
-            rows = self._row_count(len(chunk))
-            input_ids, mask = self.tokenizer.pad([ids[i] for i in chunk] + [[]] * (rows - len(chunk)), length)
+            length = pick_length(max(len(ids[i]) for i in chunk), self.buckets, self.max_length)
+            input_ids, mask = pad_right([ids[i] for i in chunk], self._row_count(len(chunk)), length, self.tokenizer.pad_id)
             pending.append((chunk, self._forward(self.params, input_ids, mask)))
         for chunk, logits in pending:
             out[chunk] = np.asarray(logits)[: len(chunk)]
@@ -157,9 +150,7 @@ class Classifier:
 
     def __call__(self, texts: Sequence[str] | str, progress: bool | None = None) -> list[dict[str, Any]]:
         """``[{"label": "POSITIVE", "score": 0.9998}, ...]``, one per text, in input order."""
-        logits = self.logits(texts, progress).astype(np.float64)
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
+        probs = softmax(self.logits(texts, progress))
         best = probs.argmax(axis=-1)
         return [
             {"label": self.config.id2label[int(label)], "score": float(probs[row, label])}

@@ -43,6 +43,19 @@ def _wordpiece_from_vocab(vocab_path: Path, lowercase: bool) -> _RustTokenizer:
     return tok
 
 
+def pad_right(ids: Sequence[Sequence[int]], rows: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ids`` right-padded into ``rows`` rows of ``length`` (rows past ``len(ids)`` are all padding):
+    ``(input_ids, attention_mask)`` each ``[rows, length]`` int32."""
+    input_ids = np.full((rows, length), pad_id, dtype=np.int32)
+    mask = np.zeros((rows, length), dtype=np.int32)
+    for row, seq in enumerate(ids):
+        if len(seq) > length:
+            raise ValueError(f"row {row} has {len(seq)} tokens, more than the padded length {length}")
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
 class Tokenizer:
     """Text -> token ids for DistilBERT/BERT uncased models.
 
@@ -104,14 +117,7 @@ class Tokenizer:
 
     def pad(self, ids: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
         """Right-pad to ``length``: ``(input_ids, attention_mask)`` each ``[len(ids), length]`` int32."""
-        input_ids = np.full((len(ids), length), self.pad_id, dtype=np.int32)
-        mask = np.zeros((len(ids), length), dtype=np.int32)
-        for row, seq in enumerate(ids):
-            if len(seq) > length:
-                raise ValueError(f"row {row} has {len(seq)} tokens, more than the padded length {length}")
-            input_ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-        return input_ids, mask
+        return pad_right(ids, len(ids), length, self.pad_id)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """``tokenizer.json``, ``vocab.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``."""
