@@ -3,6 +3,8 @@
 #   bash bench/device_run.sh recipe      # MiniLM recipe (accuracy), DistilBERT-base recipe (time), PyTorch recipe anchor
 #   bash bench/device_run.sh throughput  # PyTorch throughput anchors, flaxsst train steps (pmap and shard_map)
 #   bash bench/device_run.sh inference   # batch sweep, inference throughput, Classifier latency
+#   bash bench/device_run.sh accuracy    # MiniLM recipe over seeds (SEEDS, default 42 1 2 3), then seed 42 in float32
+#   bash bench/device_run.sh variants    # candidate steps of bench/step_variants.py and the packed Classifier, profiled
 # Needs .devdata/ (sst2, minilm-l6, distilbert-tok, the anchor scripts) and .whl/ (datasets, omegaconf, tensorboardX)
 # carried along; see bench/RESULTS.md.
 set -uo pipefail
@@ -47,6 +49,24 @@ inference)  # the batch sweep, inference, Classifier latency (second process: pe
   run flax_rbg 120 python3 bench/throughput.py --mode train --batch 32 256 --seq 128 --prng unsafe_rbg
   run flax_graphs 90 env XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" \
     python3 bench/throughput.py --mode train --batch 32 --seq 32 --prng unsafe_rbg
+  ;;
+accuracy)  # the recipe's spread over seeds; the persistent compile cache makes runs after the first compile fast
+  for seed in ${SEEDS:-42 1 2 3}; do
+    run minilm_seed$seed 200 python3 bench/recipe.py --config conf/sst2_minilm.yaml --workdir /tmp/minilm$seed \
+        model.init=.devdata/minilm-l6 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache train.seed=$seed \
+        train.checkpoint_every_steps=100000 ${RECIPE_OVERRIDES:-}
+  done
+  [ -n "${SKIP_FP32:-}" ] || run minilm_fp32 240 python3 bench/recipe.py --config conf/sst2_minilm.yaml --workdir /tmp/minilm_fp32 \
+      model.init=.devdata/minilm-l6 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache model.dtype=float32 \
+      train.checkpoint_every_steps=100000
+  ;;
+variants)  # candidates against the trainer's step in the same process; per-step kernel counts from a trace
+  run torch_anchor 150 python3 .devdata/anchor_torch.py
+  run flax_variants_short 300 python3 bench/throughput.py --mode train --batch 32 --seq 16 64 --steps 40 \
+      --variant base flat scan4 flat_scan4 --profile /tmp/prof
+  run flax_variants_b256 150 python3 bench/throughput.py --mode train --batch 256 --seq 128 --variant base flat --profile /tmp/prof
+  run flax_fp32_short 120 python3 bench/throughput.py --mode train --dtype fp32 --batch 32 --seq 16 --variant base flat
+  run flax_classifier 90 python3 bench/throughput.py --mode infer --batch 1 --seq 16 --classifier .devdata/distilbert-tok
   ;;
 esac
 log done

@@ -24,10 +24,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flaxsst.config import ModelConfig, TrainSection, dtype_name, parse_dtype  # noqa: E402
 from flaxsst.model import DistilBertForSequenceClassification, init_params  # noqa: E402
-from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_optimizer  # noqa: E402
+from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_optimizer, replicate  # noqa: E402
 
 # Dense peak of an H100 SXM (datasheet, no sparsity). The bench also prints the measured
 # bf16 matmul ceiling of ../shared/bench/README.md (~790 TFLOP/s) for reference.
@@ -69,7 +70,7 @@ def _time(call, steps: int, windows: int = 5) -> list[float]:
 
 
 def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, steps: int, config: ModelConfig,
-               kind: str = "pmap") -> dict:
+               kind: str = "pmap", variant: str = "base", profile: str | None = None) -> dict:
     config = config.replace(dtype=parse_dtype(dtype))
     parallel = DataParallel(kind, jax.local_devices()[:n_devices])
     if batch % n_devices:
@@ -77,7 +78,26 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     model = DistilBertForSequenceClassification(config)
     params = init_params(config, 0)
     device_batch = parallel.put_batch(_batch(batch, seq, config.vocab_size))
-    if mode == "train":
+    per_dispatch = 1
+    if mode == "train" and variant != "base":
+        import step_variants
+
+        if kind != "pmap":
+            raise SystemExit(f"--variant {variant} is measured under pmap only")
+        train = TrainSection(learning_rate=1e-5, warmup_steps=600)
+        schedule = linear_warmup_decay(1e-5, 600, 6315)
+        per_device, host_state, per_dispatch = step_variants.build(
+            variant, model, params, make_optimizer(train, 6315), schedule, config.dtype, train=train)
+        step = step_variants.pmapped(per_device)
+        state = [replicate(host_state, jax.local_devices()[:n_devices])]
+        host = _batch(batch, seq, config.vocab_size)
+        stacked = {k: np.stack([v.reshape(n_devices, batch // n_devices, *v.shape[1:])] * per_dispatch, axis=1)
+                   if per_dispatch > 1 else v.reshape(n_devices, batch // n_devices, *v.shape[1:]) for k, v in host.items()}
+
+        def call():
+            state[0], metrics = step(state[0], stacked)
+            return metrics
+    elif mode == "train":
         train = TrainSection(learning_rate=1e-5, warmup_steps=600)
         optimizer = make_optimizer(train, 6315)
         step = parallel.train_step(model, optimizer, linear_warmup_decay(1e-5, 600, 6315))
@@ -97,24 +117,98 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     first_call = time.perf_counter() - start
     for _ in range(3):
         jax.block_until_ready(call())
-    step_s = statistics.median(_time(call, steps))
+    step_s = statistics.median(_time(call, steps)) / per_dispatch
+    trace = None
+    if profile:
+        trace = profile_summary(call, steps, per_dispatch, f"{profile}/{mode}-{variant}-{kind}-b{batch}-s{seq}-{dtype}")
     flops = forward_flops(config, seq) * batch * (3 if mode == "train" else 1)
     peak = PEAK_TFLOPS[dtype_name(config.dtype)]
     return {
-        "what": f"flaxsst_{mode}", "parallel": kind, "prng": jax.config.jax_default_prng_impl, "batch": batch, "seq": seq, "dtype": dtype_name(config.dtype),
+        "what": f"flaxsst_{mode}", "parallel": kind, "variant": variant if mode == "train" else "base", "prng": jax.config.jax_default_prng_impl, "batch": batch, "seq": seq, "dtype": dtype_name(config.dtype),
         "devices": n_devices, "step_ms": round(step_s * 1e3, 3), "examples_per_s": round(batch / step_s, 1),
         "tokens_per_s": round(batch * seq / step_s), "tflops": round(flops / step_s / 1e12, 1),
         "mfu": round(flops / step_s / 1e12 / peak, 3), "peak_tflops": peak,
         "first_call_s": round(first_call, 2), "peak_memory_gb": (round(_peak_memory() / 2**30, 2) if _peak_memory() else None),
+        **({"profile": trace} if trace else {}),
     }
 
 
-def bench_classifier(tokenizer_dir: str, config: ModelConfig, dtype: str, calls: int = 300) -> dict:
+def summarize_trace(trace_file: str, dispatches: int, steps_per_dispatch: int = 1, top: int = 12) -> dict:
+    """A perfetto trace (``jax.profiler.trace(..., create_perfetto_trace=True)``) -> per-step figures.
+
+    For each line (thread) of each device track (``/device:...``; the GPU's lines are its
+    streams plus derived ones such as "XLA Ops" and "XLA Modules"): events per step, busy ms
+    per step (the union of the events' intervals) and the span from the first event's start to
+    the last one's end per step -- busy/span on a stream line says how much of the time the GPU
+    spends in kernels at all -- and the events taking the most time. For the host: ms per
+    dispatch of the Python-side call.
+    """
+    import gzip
+
+    with gzip.open(trace_file, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    meta = [e for e in events if e.get("ph") == "M"]
+    processes = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in meta if e.get("name") == "thread_name"}
+    steps = dispatches * steps_per_dispatch
+    out: dict = {"steps": steps}
+    lines: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            lines.setdefault((e["pid"], e.get("tid")), []).append(e)
+    for (pid, tid), evs in sorted(lines.items(), key=lambda kv: str(kv[0])):
+        process = processes.get(pid, str(pid))
+        if process.startswith("/device:"):
+            spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in evs)
+            busy, end = 0.0, -1e30
+            for a, b in spans:
+                if b > end:
+                    busy += b - max(a, end)
+                    end = b
+            totals: dict = {}
+            for e in evs:
+                totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"]
+            out[f"{process} | {threads.get((pid, tid), tid)}"] = {
+                "events_per_step": round(len(evs) / steps, 1),
+                "busy_ms_per_step": round(busy / 1e3 / steps, 4),
+                "span_ms_per_step": round((spans[-1][1] - spans[0][0]) / 1e3 / steps, 4),
+                "top_us_per_step": {k[:80]: round(v / steps, 1)
+                                    for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]},
+            }
+        else:
+            calls = [e for e in evs if e["name"].startswith(("PmapFunction", "PjitFunction"))]
+            if calls:
+                out["host_dispatch_ms"] = round(out.get("host_dispatch_ms", 0.0) + sum(e["dur"] for e in calls) / 1e3 / dispatches, 4)
+    return out
+
+
+def profile_summary(call, dispatches: int, steps_per_dispatch: int, log_dir: str) -> dict:
+    """Trace ``dispatches`` calls of a warmed-up ``call`` and summarize them."""
+    import glob
+
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        result = None
+        for _ in range(dispatches):
+            result = call()
+        jax.block_until_ready(result)
+    files = sorted(glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True))
+    if not files:
+        return {"error": f"no perfetto trace under {log_dir}"}
+    return summarize_trace(files[-1], dispatches, steps_per_dispatch)
+
+
+def bench_classifier(tokenizer_dir: str, config: ModelConfig, dtype: str, calls: int = 300, variant: str = "classifier") -> dict:
+    """``Classifier`` (or the ``packed`` candidate of bench/classifier_variants.py) on one short
+    sentence: first call, warm wall time, and the part of it that is the jitted forward alone
+    (on device-resident inputs, blocking), so the rest is tokenization, copies and Python."""
     from flaxsst import Classifier
     from flaxsst.tokenizer import Tokenizer
 
     config = config.replace(dtype=parse_dtype(dtype))
-    clf = Classifier(config, init_params(config, 0), Tokenizer.from_pretrained(tokenizer_dir), max_length=128)
+    cls = Classifier
+    if variant == "packed":
+        from classifier_variants import PackedClassifier as cls
+    clf = cls(config, init_params(config, 0), Tokenizer.from_pretrained(tokenizer_dir), max_length=128)
     text = ["Today was an amazing day!"]
     start = time.perf_counter()
     clf(text)
@@ -124,9 +218,19 @@ def bench_classifier(tokenizer_dir: str, config: ModelConfig, dtype: str, calls:
         start = time.perf_counter()
         clf(text)
         times.append(time.perf_counter() - start)
-    return {"what": "flaxsst_classifier_one_sentence", "dtype": dtype_name(config.dtype),
-            "warm_ms_median": round(statistics.median(times) * 1e3, 3),
-            "warm_ms_p90": round(float(np.percentile(times, 90)) * 1e3, 3), "first_call_s": round(first, 2)}
+    ids = clf.tokenizer.encode(text)
+    from flaxsst.tokenizer import pad_right
+
+    placed = jax.device_put(pad_right(ids, 1, 16, clf.tokenizer.pad_id))
+    forward = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(clf._forward(clf.params, *placed))
+        forward.append(time.perf_counter() - start)
+    return {"what": "flaxsst_classifier_one_sentence", "variant": variant, "dtype": dtype_name(config.dtype),
+            "tokens": len(ids[0]), "warm_ms_median": round(statistics.median(times) * 1e3, 3),
+            "warm_ms_p90": round(float(np.percentile(times, 90)) * 1e3, 3), "first_call_s": round(first, 2),
+            "forward_only_ms_median": round(statistics.median(forward) * 1e3, 3)}
 
 
 def plot_sweep(rows: list[dict], path: str) -> None:
@@ -164,6 +268,10 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="batch 32..512 (train) / 64..2048 (infer) at seq 32, 64, 128")
     parser.add_argument("--png", help="plot of examples/s against batch size")
     parser.add_argument("--classifier", metavar="TOKENIZER_DIR", help="also time Classifier on one sentence")
+    parser.add_argument("--variant", nargs="+", default=["base"],
+                        help="train-step candidates of bench/step_variants.py: base, flat, scan<k>, flat_scan<k>")
+    parser.add_argument("--profile", metavar="DIR", help="trace each case's timed steps; adds per-step kernel counts, "
+                        "device busy time and the top kernels to its JSON")
     args = parser.parse_args()
 
     config = ModelConfig()  # DistilBERT-base
@@ -181,14 +289,16 @@ def main() -> None:
     rows = []
     for kind in args.parallel:
         for mode, batch, seq in cases:
-            row = bench_case(mode, batch, seq, args.dtype, args.devices, args.steps, config, kind)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for variant in (args.variant if mode == "train" else ["base"]):
+                row = bench_case(mode, batch, seq, args.dtype, args.devices, args.steps, config, kind, variant, args.profile)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     if args.png and rows:
         plot_sweep(rows, args.png)
     if args.classifier:
         for dtype in ("bf16", "fp32"):
-            print(json.dumps(bench_classifier(args.classifier, config, dtype)), flush=True)
+            for variant in ("classifier", "packed"):
+                print(json.dumps(bench_classifier(args.classifier, config, dtype, variant=variant)), flush=True)
 
 
 if __name__ == "__main__":

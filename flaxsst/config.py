@@ -74,6 +74,9 @@ class ModelConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: str = "auto"  # "auto": cuDNN fused attention for half-precision inference on GPU; "xla": always einsum
+    # dtype of the LayerNorm outputs, hence of the residual stream between blocks; None = ``dtype``.
+    # float32 with a bfloat16 ``dtype`` is PyTorch autocast's split: matmuls in bf16, norms and adds in fp32.
+    residual_dtype: Any = None
 
     def __post_init__(self) -> None:
         self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
@@ -83,6 +86,8 @@ class ModelConfig:
             self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
         self.dtype = parse_dtype(self.dtype)
         self.param_dtype = parse_dtype(self.param_dtype)
+        if self.residual_dtype is not None:
+            self.residual_dtype = parse_dtype(self.residual_dtype)
         if self.dim % self.n_heads:
             raise ValueError(
                 f"dim={self.dim} must be divisible by n_heads={self.n_heads}"
@@ -106,7 +111,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- config.json --------------------------------------------------------------
-    _NON_JSON = ("extra", "dtype", "param_dtype", "attention")
+    _NON_JSON = ("extra", "dtype", "param_dtype", "attention", "residual_dtype")
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` dict of a ``DistilBertForSequenceClassification``."""
@@ -166,6 +171,7 @@ class ModelSection:
     seq_classif_dropout: float | None = None
     labels: list[str] = dataclasses.field(default_factory=list)  # id2label in order; [] = the checkpoint's
     dtype: str = "float32"  # compute dtype; params and optimizer state stay float32
+    residual_dtype: str = ""  # LayerNorm outputs / residual stream; "" = dtype, float32 = autocast-style bf16
 
 
 @dataclasses.dataclass
@@ -279,7 +285,14 @@ def _validate(config: TrainConfig) -> None:
             for part in key.split("."):
                 value = getattr(value, part)
             raise ConfigError(f"config key {key!r} = {value!r}; expected {want}")
-    parse_dtype(config.model.dtype)
+    for key in ("dtype", "residual_dtype"):
+        value = getattr(config.model, key)
+        if key == "residual_dtype" and not value:
+            continue
+        try:
+            parse_dtype(value)
+        except ValueError as e:
+            raise ConfigError(f"config key 'model.{key}' = {value!r}: {e}") from None
     if config.train.prng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
         raise ConfigError(f"config key 'train.prng_impl' = {config.train.prng_impl!r}; "
                           "expected 'threefry2x32', 'rbg' or 'unsafe_rbg'")

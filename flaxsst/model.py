@@ -8,7 +8,9 @@ Numerics follow ``transformers.DistilBertModel``: post-LayerNorm blocks with eps
 ``config.layer_norm_eps`` (1e-12), exact erf GELU, queries scaled by
 ``1/sqrt(head_dim)`` before the product. Matmuls run in ``config.dtype``; softmax,
 LayerNorm statistics and logits run in float32, and masking uses ``where`` so it
-is safe in float16/bfloat16.
+is safe in float16/bfloat16. LayerNorm outputs, and so the residual stream, are in
+``config.residual_dtype`` (default: ``config.dtype``; float32 under a bf16 ``dtype`` is
+PyTorch autocast's split).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
     # Exact two-pass variance: E[x^2]-E[x]^2 drifts by ~1e-5 from PyTorch's LayerNorm.
     return nn.LayerNorm(
         epsilon=config.layer_norm_eps,
-        dtype=config.dtype,
+        dtype=config.residual_dtype or config.dtype,
         param_dtype=config.param_dtype,
         use_fast_variance=False,
         name=name,

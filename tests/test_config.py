@@ -56,6 +56,10 @@ def test_bad_values_are_named():
         load_train_config(CONF / "sst2.yaml", ["data.length_buckets=[256]"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_train_config(CONF / "sst2.yaml", ["train.learning_rate"])
+    for key in ("model.dtype", "model.residual_dtype"):
+        with pytest.raises(ConfigError, match=rf"'{key}' = 'float17'"):
+            load_train_config(CONF / "sst2.yaml", [f"{key}=float17"])
+    assert load_train_config(CONF / "sst2.yaml", ["model.residual_dtype=float32"]).model.residual_dtype == "float32"
 
 
 def test_unknown_key_in_a_yaml_file_is_named(tmp_path):

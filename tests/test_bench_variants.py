@@ -1,0 +1,135 @@
+"""The candidate steps of bench/step_variants.py do the trainer's math (so bench figures compare like with like)."""
+
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxsst.config import TrainSection
+from flaxsst.convert import config_from_hf
+from flaxsst.model import DistilBertForSequenceClassification, init_params
+from flaxsst.steps import (
+    linear_warmup_decay,
+    make_optimizer,
+    replicate,
+    shard,
+    unreplicate,
+)
+from tests.fixtures import random_ids, tiny_hf_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import step_variants
+
+
+def _batches(n, rows=8, seq=16, vocab=120):
+    out = []
+    for i in range(n):
+        ids, mask = random_ids(np.random.default_rng(i), rows, seq, vocab)
+        out.append({"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
+                    "labels": np.random.default_rng(100 + i).integers(0, 2, rows).astype(np.int32),
+                    "weights": (np.arange(rows) < rows - i).astype(np.float32)})  # ragged rows too
+    return out
+
+
+@functools.cache
+def _run(variant, dtype, n_batches=4, devices=2):
+    batches = _batches(n_batches)
+    config, _ = config_from_hf(tiny_hf_config(120).to_dict(), dtype=dtype)
+    params = init_params(config, 0)
+    train = TrainSection(learning_rate=1e-3, warmup_steps=1)
+    schedule = linear_warmup_decay(1e-3, 1, 10)
+    step, state, k = step_variants.build(variant, DistilBertForSequenceClassification(config), params,
+                                         make_optimizer(train, 10), schedule, dtype, train=train)
+    mapped = step_variants.pmapped(step)
+    state = replicate(state, jax.devices()[:devices])
+    grad_norms = []
+    for start in range(0, len(batches), k):
+        group = batches[start:start + k]
+        if k > 1:
+            stacked = {key: np.stack([shard(b, devices)[key] for b in group], axis=1) for key in group[0]}
+        else:
+            stacked = shard(group[0], devices)
+        state, metrics = mapped(state, stacked)
+        grad_norms += list(np.ravel(unreplicate(metrics)["grad_norm"]))
+    host = unreplicate(state)
+    if variant.startswith("flat"):
+        return step_variants.FlatLayout(params).unravel(jnp.asarray(host.params)), grad_norms
+    return host.params, grad_norms
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-5)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["flat", "scan4", "flat_scan4"])
+def test_variant_steps_equal_the_trainers_step(variant, dtype, atol):
+    expected, expected_norms = _run("base", dtype)
+    got, norms = _run(variant, dtype)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+        assert a.shape == b.shape and a.dtype == np.float32
+        np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+    np.testing.assert_allclose(norms, expected_norms, rtol=1e-4)
+    start = init_params(config_from_hf(tiny_hf_config(120).to_dict())[0], 0)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(start)))
+    assert moved > 1e-3  # four steps at lr 1e-3 really moved the weights
+
+
+def test_flat_layout_round_trip_and_norm_leaves_stay_float32():
+    config, _ = config_from_hf(tiny_hf_config(120).to_dict())
+    params = init_params(config, 0)
+    layout = step_variants.FlatLayout(params)
+    assert layout.size == sum(x.size for x in jax.tree_util.tree_leaves(params))
+    back = layout.unravel(layout.ravel(params), jnp.bfloat16)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(back):
+        name = jax.tree_util.keystr(path)
+        norm = "LayerNorm" in name or "layer_norm" in name
+        assert leaf.dtype == (jnp.float32 if norm else jnp.bfloat16), name
+    exact = layout.unravel(layout.ravel(params))
+    for a, b in zip(jax.tree_util.tree_leaves(exact), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_packed_classifier_equals_the_classifier(tiny_model_dir):
+    import classifier_variants
+
+    from flaxsst.predict import Classifier
+
+    texts = ["a good film", "", "bad " * 300, "so-so, really", "x"]
+    base = Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=64)
+    packed = classifier_variants.PackedClassifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=64)
+    expected, got = base(texts), packed(texts)
+    assert [r["label"] for r in got] == [r["label"] for r in expected]
+    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in expected], rtol=1e-6)
+    assert packed([]) == []
+
+
+def test_trace_summary_counts_kernels_busy_time_and_span_per_step(tmp_path):
+    import gzip
+    import json
+
+    import throughput
+
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+        # two steps on the stream: kernels at [0,10), [5,15) (overlap), [40,50); [100,110), [200,230)
+        {"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "ts": 0, "dur": 10},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "fusion", "ts": 5, "dur": 10},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "ts": 40, "dur": 10},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "ts": 100, "dur": 10},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "fusion", "ts": 200, "dur": 30},
+        {"ph": "X", "pid": 2, "tid": 3, "name": "PmapFunction(train_step)", "ts": 0, "dur": 500},
+        {"ph": "X", "pid": 2, "tid": 3, "name": "PmapFunction(train_step)", "ts": 600, "dur": 300},
+    ]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = throughput.summarize_trace(str(path), dispatches=2)
+    stream = summary["/device:GPU:0 | Stream #7(Compute)"]
+    assert stream["events_per_step"] == 2.5
+    assert stream["busy_ms_per_step"] == (15 + 10 + 10 + 30) / 1e3 / 2  # the overlap counted once
+    assert stream["span_ms_per_step"] == 230 / 1e3 / 2
+    assert stream["top_us_per_step"] == {"fusion": 20.0, "gemm": 15.0}
+    assert summary["host_dispatch_ms"] == 0.4
