@@ -142,11 +142,15 @@ class Classifier:
         for start in batches:
             chunk = order[start : start + self.batch_size]
             length = pick_length(max(len(ids[i]) for i in chunk), self.buckets, self.max_length)
-            input_ids, mask = pad_right([ids[i] for i in chunk], self._row_count(len(chunk)), length, self.tokenizer.pad_id)
-            pending.append((chunk, self._forward(self.params, input_ids, mask)))
+            pending.append((chunk, self._run_batch([ids[i] for i in chunk], self._row_count(len(chunk)), length)))
         for chunk, logits in pending:
             out[chunk] = np.asarray(logits)[: len(chunk)]
         return out
+
+    def _run_batch(self, ids: list[list[int]], rows: int, length: int) -> jax.Array:
+        """One padded batch on the device -> its logits ``[rows, num_labels]`` (not yet fetched)."""
+        input_ids, mask = pad_right(ids, rows, length, self.tokenizer.pad_id)
+        return self._forward(self.params, input_ids, mask)
 
     def __call__(self, texts: Sequence[str] | str, progress: bool | None = None) -> list[dict[str, Any]]:
         """``[{"label": "POSITIVE", "score": 0.9998}, ...]``, one per text, in input order."""
