@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flaxsst.config import ModelConfig, TrainSection, dtype_name, parse_dtype  # noqa: E402
 from flaxsst.model import DistilBertForSequenceClassification, init_params  # noqa: E402
-from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_optimizer, replicate  # noqa: E402
+from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_optimizer, replicate, shard  # noqa: E402
 
 # Dense peak of an H100 SXM (datasheet, no sparsity). The bench also prints the measured
 # bf16 matmul ceiling of ../shared/bench/README.md (~790 TFLOP/s) for reference.
@@ -79,28 +79,27 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     params = init_params(config, 0)
     device_batch = parallel.put_batch(_batch(batch, seq, config.vocab_size))
     per_dispatch = 1
+    train = TrainSection(learning_rate=1e-5, warmup_steps=600)
+    optimizer = make_optimizer(train, 6315)
+    schedule = linear_warmup_decay(1e-5, 600, 6315)
     if mode == "train" and variant != "base":
         import step_variants
 
         if kind != "pmap":
             raise SystemExit(f"--variant {variant} is measured under pmap only")
-        train = TrainSection(learning_rate=1e-5, warmup_steps=600)
-        schedule = linear_warmup_decay(1e-5, 600, 6315)
         per_device, host_state, per_dispatch = step_variants.build(
-            variant, model, params, make_optimizer(train, 6315), schedule, config.dtype, train=train)
+            variant, model, params, optimizer, schedule, config.dtype, train=train)
         step = step_variants.pmapped(per_device)
         state = [replicate(host_state, jax.local_devices()[:n_devices])]
-        host = _batch(batch, seq, config.vocab_size)
-        stacked = {k: np.stack([v.reshape(n_devices, batch // n_devices, *v.shape[1:])] * per_dispatch, axis=1)
-                   if per_dispatch > 1 else v.reshape(n_devices, batch // n_devices, *v.shape[1:]) for k, v in host.items()}
+        sharded = shard(_batch(batch, seq, config.vocab_size), n_devices)
+        if per_dispatch > 1:  # the same batch k times: [devices, k, rows / devices, ...]
+            sharded = {k: np.stack([v] * per_dispatch, axis=1) for k, v in sharded.items()}
 
         def call():
-            state[0], metrics = step(state[0], stacked)
+            state[0], metrics = step(state[0], sharded)
             return metrics
     elif mode == "train":
-        train = TrainSection(learning_rate=1e-5, warmup_steps=600)
-        optimizer = make_optimizer(train, 6315)
-        step = parallel.train_step(model, optimizer, linear_warmup_decay(1e-5, 600, 6315))
+        step = parallel.train_step(model, optimizer, schedule)
         state = [parallel.put_state(create_train_state(params, optimizer, 0))]
 
         def call():
@@ -218,10 +217,12 @@ def bench_classifier(tokenizer_dir: str, config: ModelConfig, dtype: str, calls:
         start = time.perf_counter()
         clf(text)
         times.append(time.perf_counter() - start)
-    ids = clf.tokenizer.encode(text)
+    from flaxsst.data import pick_length
     from flaxsst.tokenizer import pad_right
 
-    placed = jax.device_put(pad_right(ids, 1, 16, clf.tokenizer.pad_id))
+    ids = clf.tokenizer.encode(text)
+    length = pick_length(len(ids[0]), clf.buckets, clf.max_length)  # the bucket the calls above used
+    placed = jax.device_put(pad_right(ids, 1, length, clf.tokenizer.pad_id))
     forward = []
     for _ in range(calls):
         start = time.perf_counter()

@@ -86,7 +86,7 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer) -> tuple[ModelConfig,
         overrides["label2id"] = None
     dtype = parse_dtype(section.dtype)
     if section.residual_dtype:
-        overrides["residual_dtype"] = parse_dtype(section.residual_dtype)
+        overrides["residual_dtype"] = section.residual_dtype  # ModelConfig parses it
     if section.init:
         model_config, params, report = load_pretrained(section.init, dtype=dtype, rng=config.train.seed,
                                                        return_report=True, **overrides)
