@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 
@@ -29,6 +30,10 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--tokenizer", help="tokenizer folder when model.init is empty (random init)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="trace the training loop itself over --profile-steps and add a per-step summary "
+                             "(device busy vs span: does the loop leave the device idle?)")
+    parser.add_argument("--profile-steps", default="2000:2100", metavar="A:B", help="steps A..B to trace (default 2000:2100)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -37,8 +42,9 @@ def main() -> None:
     if args.tokenizer:
         overrides.append(f"model.tokenizer={args.tokenizer}")
     config = load_train_config(args.config, overrides)
+    tracer = LoopTrace(args.profile, args.profile_steps) if args.profile else None
     start = time.perf_counter()
-    result = Trainer(config, args.workdir).run()
+    result = Trainer(config, args.workdir, on_step=tracer).run()
     wall = time.perf_counter() - start
     examples = result.step * config.train.global_batch_size
     metrics = {k: v for k, v in (result.eval_metrics or {}).items()}
@@ -47,7 +53,41 @@ def main() -> None:
         "devices": jax.device_count(), "jax": jax.__version__, "steps": result.step,
         "compile_s": round(result.compile_seconds, 2), "train_s": round(result.train_seconds, 2),
         "examples_per_s": round(examples / result.train_seconds, 1), "wall_s": round(wall, 1), **metrics,
+        **({"trace": tracer.summary()} if tracer else {}),
     }), flush=True)
+
+
+class LoopTrace:
+    """``Trainer(on_step=...)`` hook: a perfetto trace of the real loop from step A to step B."""
+
+    def __init__(self, log_dir: str, steps: str):
+        first, _, last = steps.partition(":")
+        self.first, self.last, self.log_dir = int(first), int(last), log_dir
+        if not 0 < self.first < self.last:
+            raise SystemExit(f"--profile-steps {steps!r}: expected A:B with 0 < A < B")
+        self.active = self.done = False
+
+    def __call__(self, trainer, step: int) -> None:
+        if step == self.first and not self.done:
+            jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+            self.active = True
+        elif step == self.last and self.active:
+            jax.block_until_ready(trainer.pstate)
+            jax.profiler.stop_trace()
+            self.active, self.done = False, True
+
+    def summary(self) -> dict:
+        import glob
+
+        from throughput import summarize_trace
+
+        if self.active:
+            jax.profiler.stop_trace()
+            return {"error": f"the run ended before step {self.last}"}
+        files = sorted(glob.glob(f"{self.log_dir}/**/perfetto_trace.json.gz", recursive=True))
+        if not self.done or not files:
+            return {"error": f"no trace of steps {self.first}:{self.last} under {self.log_dir}"}
+        return {"steps_traced": f"{self.first}:{self.last}", **summarize_trace(files[-1], self.last - self.first)}
 
 
 if __name__ == "__main__":

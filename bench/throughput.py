@@ -28,7 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flaxsst.config import ModelConfig, TrainSection, dtype_name, parse_dtype  # noqa: E402
 from flaxsst.model import DistilBertForSequenceClassification, init_params  # noqa: E402
-from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_optimizer, replicate, shard  # noqa: E402
+from flaxsst.steps import (  # noqa: E402
+    DataParallel,
+    create_train_state,
+    linear_warmup_decay,
+    make_layout,
+    make_optimizer,
+    replicate,
+    shard,
+)
+
+import step_variants  # noqa: E402  (bench/ is on sys.path when this runs as a script)
 
 # Dense peak of an H100 SXM (datasheet, no sparsity). The bench also prints the measured
 # bf16 matmul ceiling of ../shared/bench/README.md (~790 TFLOP/s) for reference.
@@ -80,27 +90,25 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     device_batch = parallel.put_batch(_batch(batch, seq, config.vocab_size))
     per_dispatch = 1
     train = TrainSection(learning_rate=1e-5, warmup_steps=600)
-    optimizer = make_optimizer(train, 6315)
-    schedule = linear_warmup_decay(1e-5, 600, 6315)
-    if mode == "train" and variant != "base":
-        import step_variants
-
+    layout_name, scan = step_variants.parse(variant) if mode == "train" else ("tree", 1)
+    if mode == "train" and scan > 1:
         if kind != "pmap":
             raise SystemExit(f"--variant {variant} is measured under pmap only")
-        per_device, host_state, per_dispatch = step_variants.build(
-            variant, model, params, optimizer, schedule, config.dtype, train=train)
+        per_device, host_state, per_dispatch, _ = step_variants.build(variant, model, params, train, 6315, config.dtype)
         step = step_variants.pmapped(per_device)
         state = [replicate(host_state, jax.local_devices()[:n_devices])]
         sharded = shard(_batch(batch, seq, config.vocab_size), n_devices)
-        if per_dispatch > 1:  # the same batch k times: [devices, k, rows / devices, ...]
-            sharded = {k: np.stack([v] * per_dispatch, axis=1) for k, v in sharded.items()}
+        # the same batch k times: [devices, k, rows / devices, ...]
+        sharded = {k: np.stack([v] * per_dispatch, axis=1) for k, v in sharded.items()}
 
         def call():
             state[0], metrics = step(state[0], sharded)
             return metrics
-    elif mode == "train":
-        step = parallel.train_step(model, optimizer, schedule)
-        state = [parallel.put_state(create_train_state(params, optimizer, 0))]
+    elif mode == "train":  # the trainer's own step, with the variant's parameter layout
+        layout = make_layout(layout_name, params, config.dtype)
+        optimizer = make_optimizer(train, 6315, layout)
+        step = parallel.train_step(model, optimizer, linear_warmup_decay(1e-5, 600, 6315), layout=layout)
+        state = [parallel.put_state(create_train_state(layout.pack(params), optimizer, 0))]
 
         def call():
             state[0], metrics = step(state[0], device_batch)

@@ -209,6 +209,9 @@ class TrainSection:
     precompile: bool = True  # compile every bucket's programs up front, in parallel
     parallel: str = "pmap"  # "pmap", or "shard_map" (jax.jit + jax.shard_map of the same per-device step)
     prng_impl: str = "threefry2x32"  # dropout's PRNG: "threefry2x32" (JAX's default), "rbg" or "unsafe_rbg" (XLA's, faster on GPU)
+    # "tree": params and AdamW moments per tensor; "flat": one float32 vector each (clip + AdamW as a
+    # few kernels over the whole model instead of a few per tensor; the same math)
+    param_layout: str = "tree"
 
 
 @dataclasses.dataclass
@@ -298,6 +301,8 @@ def _validate(config: TrainConfig) -> None:
                           "expected 'threefry2x32', 'rbg' or 'unsafe_rbg'")
     if config.train.parallel not in ("pmap", "shard_map"):
         raise ConfigError(f"config key 'train.parallel' = {config.train.parallel!r}; expected 'pmap' or 'shard_map'")
+    if config.train.param_layout not in ("tree", "flat"):
+        raise ConfigError(f"config key 'train.param_layout' = {config.train.param_layout!r}; expected 'tree' or 'flat'")
 
 
 def train_config_to_yaml(config: TrainConfig) -> str:

@@ -37,7 +37,7 @@ from flaxsst.data import (
 from flaxsst.metrics import classification_metrics, format_table
 from flaxsst.model import DistilBertForSequenceClassification, init_params
 from flaxsst.predict import enable_compilation_cache
-from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_optimizer
+from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_layout, make_optimizer
 from flaxsst.tokenizer import Tokenizer
 
 logger = logging.getLogger("flaxsst")
@@ -122,6 +122,10 @@ class Checkpoints:
                           force=True)
         self.manager.wait_until_finished()
         return self.directory / str(step)
+
+    def read_meta(self, step: int) -> dict:
+        ocp = self._ocp
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore(self, step: int, template: Any) -> tuple[Any, dict]:
         ocp = self._ocp
@@ -275,12 +279,13 @@ class Trainer:
         self.total_steps = math.ceil(config.train.num_epochs * self.steps_per_epoch)
         self.end_step = min(self.total_steps, config.train.max_steps) if config.train.max_steps > 0 else self.total_steps
         self.schedule = linear_warmup_decay(config.train.learning_rate, config.train.warmup_steps, self.total_steps)
-        self.optimizer = make_optimizer(config.train, self.total_steps)
+        self.layout = make_layout(config.train.param_layout, params, self.model_config.dtype)
+        self.optimizer = make_optimizer(config.train, self.total_steps, self.layout)
         self.model = DistilBertForSequenceClassification(self.model_config)
-        self.state = create_train_state(params, self.optimizer, seed)
+        self.state = create_train_state(self.layout.pack(params), self.optimizer, seed)
         self.parallel = DataParallel(config.train.parallel)
-        self.p_train = self.parallel.train_step(self.model, self.optimizer, self.schedule)
-        self.p_eval = self.parallel.eval_step(self.model)
+        self.p_train = self.parallel.train_step(self.model, self.optimizer, self.schedule, layout=self.layout)
+        self.p_eval = self.parallel.eval_step(self.model, self.layout)
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", config.train.keep_checkpoints)
         self.best = Checkpoints(self.workdir / "checkpoints" / "best", 1)
         self.log = MetricLog(self.workdir, self.is_main)
@@ -302,10 +307,17 @@ class Trainer:
     def run(self) -> TrainResult:
         self._setup()
         config = self.config
-        start, meta = 0, {"best_accuracy": None, "best_step": None}
+        start, meta = 0, {"best_accuracy": None, "best_step": None, "param_layout": self.layout.name}
         latest = self.checkpoints.latest_step()
         if latest is not None:
+            saved_layout = self.checkpoints.read_meta(latest).get("param_layout", "tree")
+            if saved_layout != self.layout.name:
+                raise ValueError(
+                    f"{self.checkpoints.directory / str(latest)} holds train.param_layout={saved_layout} state; this run asks "
+                    f"for train.param_layout={self.layout.name}: rerun with train.param_layout={saved_layout} or use a new workdir"
+                )
             restored, meta = self.checkpoints.restore(latest, jax.device_get(self.state))
+            meta.setdefault("param_layout", self.layout.name)
             self.state = jax.tree_util.tree_map(np.asarray, restored)
             start = int(self.state.step)
             logger.info("resuming from %s at step %d", self.checkpoints.directory / str(latest), start)
@@ -344,7 +356,7 @@ class Trainer:
                         progress.write(f"interrupted: checkpoint saved at step {done} in {last_checkpoint}; "
                                        f"rerun the same command to resume")
                     return TrainResult(done, False, meta["best_accuracy"], eval_metrics, None,
-                                       self.parallel.get(self.pstate.params), compile_seconds,
+                                       self._host_params(), compile_seconds,
                                        time.perf_counter() - loop_start - self.side_seconds)
             if pending is not None:
                 self._account(pending, window, progress, last_checkpoint)
@@ -357,7 +369,11 @@ class Trainer:
         self.best.close()
         self.log.close()
         return TrainResult(self.end_step, True, meta["best_accuracy"], final or eval_metrics, export_dir,
-                           self.parallel.get(self.pstate.params), compile_seconds, train_seconds)
+                           self._host_params(), compile_seconds, train_seconds)
+
+    def _host_params(self) -> Any:
+        """The current parameters as the model's tree of numpy arrays (whatever the layout)."""
+        return self.layout.unpack(self.parallel.get(self.pstate.params))
 
     def _compile_all(self) -> float:
         """Compile the train and eval programs of every bucket length at once, in threads (XLA
@@ -433,17 +449,17 @@ class Trainer:
         self.log.write("eval", step, {k: v for k, v in metrics.items() if k != "confusion_matrix"})
         if meta["best_accuracy"] is None or metrics["accuracy"] > meta["best_accuracy"]:
             meta.update(best_accuracy=metrics["accuracy"], best_step=step)
-            self.best.save(step, {"params": self.parallel.get(self.pstate.params)}, {"step": step, **metrics})
+            self.best.save(step, {"params": self._host_params()}, {"step": step, **metrics})
         return metrics
 
     def _export(self, meta: dict) -> tuple[Path | None, dict | None]:
         """Export the best checkpoint in HF layout, write its ``eval_results.json`` and the curves PNG."""
         best_step = self.best.latest_step()
-        params = self.parallel.get(self.pstate.params)
+        params = self._host_params()
         if best_step is not None:
             params = self.best.restore(best_step, {"params": params})[0]["params"]
-        final = evaluate(self.parallel, self.p_eval, self.parallel.put_state(params), self.eval_split, self.model_config, self.config,
-                         self.tokenizer.pad_id)
+        final = evaluate(self.parallel, self.p_eval, self.parallel.put_state(self.layout.pack(params)), self.eval_split,
+                         self.model_config, self.config, self.tokenizer.pad_id)
         if not self.is_main:
             return None, final
         export_dir = save_pretrained(self.workdir / "export", self.model_config, params, tokenizer=self.tokenizer)

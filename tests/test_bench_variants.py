@@ -12,13 +12,7 @@ import pytest
 from flaxsst.config import TrainSection
 from flaxsst.convert import config_from_hf
 from flaxsst.model import DistilBertForSequenceClassification, init_params
-from flaxsst.steps import (
-    linear_warmup_decay,
-    make_optimizer,
-    replicate,
-    shard,
-    unreplicate,
-)
+from flaxsst.steps import replicate, shard, unreplicate
 from tests.fixtures import random_ids, tiny_hf_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -41,9 +35,8 @@ def _run(variant, dtype, n_batches=4, devices=2):
     config, _ = config_from_hf(tiny_hf_config(120).to_dict(), dtype=dtype)
     params = init_params(config, 0)
     train = TrainSection(learning_rate=1e-3, warmup_steps=1)
-    schedule = linear_warmup_decay(1e-3, 1, 10)
-    step, state, k = step_variants.build(variant, DistilBertForSequenceClassification(config), params,
-                                         make_optimizer(train, 10), schedule, dtype, train=train)
+    step, state, k, layout = step_variants.build(variant, DistilBertForSequenceClassification(config), params,
+                                                 train, 10, dtype)
     mapped = step_variants.pmapped(step)
     state = replicate(state, jax.devices()[:devices])
     grad_norms = []
@@ -55,10 +48,7 @@ def _run(variant, dtype, n_batches=4, devices=2):
             stacked = shard(group[0], devices)
         state, metrics = mapped(state, stacked)
         grad_norms += list(np.ravel(unreplicate(metrics)["grad_norm"]))
-    host = unreplicate(state)
-    if variant.startswith("flat"):
-        return step_variants.FlatLayout(params).unravel(jnp.asarray(host.params)), grad_norms
-    return host.params, grad_norms
+    return layout.unpack(unreplicate(state).params), grad_norms
 
 
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-5)], ids=["fp32", "bf16"])
@@ -75,19 +65,13 @@ def test_variant_steps_equal_the_trainers_step(variant, dtype, atol):
     assert moved > 1e-3  # four steps at lr 1e-3 really moved the weights
 
 
-def test_flat_layout_round_trip_and_norm_leaves_stay_float32():
-    config, _ = config_from_hf(tiny_hf_config(120).to_dict())
-    params = init_params(config, 0)
-    layout = step_variants.FlatLayout(params)
-    assert layout.size == sum(x.size for x in jax.tree_util.tree_leaves(params))
-    back = layout.unravel(layout.ravel(params), jnp.bfloat16)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(back):
-        name = jax.tree_util.keystr(path)
-        norm = "LayerNorm" in name or "layer_norm" in name
-        assert leaf.dtype == (jnp.float32 if norm else jnp.bfloat16), name
-    exact = layout.unravel(layout.ravel(params))
-    for a, b in zip(jax.tree_util.tree_leaves(exact), jax.tree_util.tree_leaves(params)):
-        np.testing.assert_array_equal(a, b)
+def test_variant_names_are_parsed_and_bad_ones_named():
+    assert step_variants.parse("base") == ("tree", 1)
+    assert step_variants.parse("flat") == ("flat", 1)
+    assert step_variants.parse("scan4") == ("tree", 4)
+    assert step_variants.parse("flat_scan8") == ("flat", 8)
+    with pytest.raises(ValueError, match="variant 'fused'"):
+        step_variants.parse("fused")
 
 
 def test_packed_classifier_equals_the_classifier(tiny_model_dir):

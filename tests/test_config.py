@@ -60,6 +60,8 @@ def test_bad_values_are_named():
         with pytest.raises(ConfigError, match=rf"'{key}' = 'float17'"):
             load_train_config(CONF / "sst2.yaml", [f"{key}=float17"])
     assert load_train_config(CONF / "sst2.yaml", ["model.residual_dtype=float32"]).model.residual_dtype == "float32"
+    with pytest.raises(ConfigError, match=r"'train.param_layout' = 'ragged'; expected 'tree' or 'flat'"):
+        load_train_config(CONF / "sst2.yaml", ["train.param_layout=ragged"])
 
 
 def test_unknown_key_in_a_yaml_file_is_named(tmp_path):

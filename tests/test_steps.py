@@ -9,7 +9,17 @@ import transformers
 from flaxsst.config import TrainSection
 from flaxsst.convert import config_from_hf, state_dict_to_params
 from flaxsst.model import DistilBertForSequenceClassification
-from flaxsst.steps import AXIS, DataParallel, create_train_state, dropout_key, linear_warmup_decay, make_optimizer, shard
+from flaxsst.steps import (
+    AXIS,
+    DataParallel,
+    FlatLayout,
+    create_train_state,
+    dropout_key,
+    linear_warmup_decay,
+    make_layout,
+    make_optimizer,
+    shard,
+)
 from tests.fixtures import random_ids, tiny_hf_config
 
 
@@ -45,27 +55,31 @@ def _batch(rows, real, seq=24, seed=0):
             "labels": labels.astype(np.int32), "weights": weights}
 
 
-def _run_steps(config, params, batches, n_devices, train, total, kind="pmap"):
+def _run_steps(config, params, batches, n_devices, train, total, kind="pmap", layout="tree"):
     parallel = DataParallel(kind, jax.devices()[:n_devices])
-    optimizer = make_optimizer(train, total)
+    layout = make_layout(layout, params, config.dtype)
+    optimizer = make_optimizer(train, total, layout)
     step = parallel.train_step(DistilBertForSequenceClassification(config), optimizer,
-                               linear_warmup_decay(train.learning_rate, train.warmup_steps, total))
-    state = parallel.put_state(create_train_state(params, optimizer, seed=0))
+                               linear_warmup_decay(train.learning_rate, train.warmup_steps, total), layout=layout)
+    state = parallel.put_state(create_train_state(layout.pack(params), optimizer, seed=0))
     history = []
     for batch in batches:
         state, metrics = step(state, parallel.put_batch(batch))
         history.append(parallel.get(metrics))
-    return parallel.get(state.params), history
+    return layout.unpack(parallel.get(state.params)), history
 
 
-@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
+MAPPINGS = [("pmap", "tree"), ("shard_map", "tree"), ("pmap", "flat")]
+
+
+@pytest.mark.parametrize("kind,layout", MAPPINGS)
 @pytest.mark.parametrize("real_rows", [32, 21], ids=["full-batch", "ragged-last-batch"])
-def test_one_step_on_8_devices_equals_1_device(real_rows, kind):
+def test_one_step_on_8_devices_equals_1_device(real_rows, kind, layout):
     _, config, params = _tiny()
     train = TrainSection(learning_rate=1e-3, warmup_steps=0, weight_decay=0.01)
     batch = _batch(32, real_rows)
-    on_8, metrics_8 = _run_steps(config, params, [batch], 8, train, total=10, kind=kind)
-    on_1, metrics_1 = _run_steps(config, params, [batch], 1, train, total=10, kind=kind)
+    on_8, metrics_8 = _run_steps(config, params, [batch], 8, train, total=10, kind=kind, layout=layout)
+    on_1, metrics_1 = _run_steps(config, params, [batch], 1, train, total=10, kind=kind, layout=layout)
     for a, b in zip(jax.tree_util.tree_leaves(on_8), jax.tree_util.tree_leaves(on_1)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     assert metrics_8[0]["examples"] == metrics_1[0]["examples"] == real_rows
@@ -96,12 +110,12 @@ def _torch_reference_steps(hf, batches, train, total):
     return {k: v.detach().numpy() for k, v in hf.state_dict().items()}
 
 
-@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
-def test_train_steps_equal_pytorch_adamw_clip_and_schedule(kind):
+@pytest.mark.parametrize("kind,layout", MAPPINGS)
+def test_train_steps_equal_pytorch_adamw_clip_and_schedule(kind, layout):
     hf, config, params = _tiny(seed=3)
     train = TrainSection(learning_rate=5e-3, warmup_steps=2, weight_decay=0.01, max_grad_norm=1.0)
     batches = [_batch(16, 16, seed=s) for s in range(3)] + [_batch(16, 9, seed=9)]
-    ours, _ = _run_steps(config, params, batches, 8, train, total=10, kind=kind)
+    ours, _ = _run_steps(config, params, batches, 8, train, total=10, kind=kind, layout=layout)
     reference = _torch_reference_steps(hf, batches, train, total=10)
     expected, _ = state_dict_to_params(reference, config, "distilbert")
     for path, (a, b) in zip(jax.tree_util.tree_leaves_with_path(ours),
@@ -124,3 +138,23 @@ def test_dropout_keys_differ_per_device_and_per_step():
 def test_batch_that_does_not_divide_over_devices_is_a_clear_error():
     with pytest.raises(ValueError, match="a batch of 30 rows does not divide evenly over 8 devices"):
         shard(_batch(30, 30), 8)
+
+
+def test_flat_layout_places_decayed_leaves_in_its_decay_ranges_and_round_trips():
+    _, _, params = _tiny()
+    layout = FlatLayout(params, "bfloat16")
+    flat = layout.pack(params)
+    assert flat.shape == (sum(x.size for x in jax.tree_util.tree_leaves(params)),) and flat.dtype == np.float32
+    for a, b in zip(jax.tree_util.tree_leaves(layout.unpack(flat)), jax.tree_util.tree_leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    in_range = np.zeros(layout.size, bool)
+    for start, stop in layout.decay_ranges:
+        in_range[start:stop] = True
+    for path, leaf in jax.tree_util.tree_leaves_with_path(layout.unpack(np.arange(layout.size))):
+        name = jax.tree_util.keystr(path)
+        decayed = not (name.endswith("'bias']") or "LayerNorm" in name or "layer_norm" in name)  # torch's groups, above
+        assert in_range[np.ravel(leaf).astype(int)].all() if decayed else not in_range[np.ravel(leaf).astype(int)].any(), name
+    viewed = jax.jit(layout.view)(flat)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(viewed):
+        name = jax.tree_util.keystr(path)
+        assert leaf.dtype == (np.float32 if "LayerNorm" in name or "layer_norm" in name else jax.numpy.bfloat16), name

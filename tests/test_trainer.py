@@ -16,6 +16,7 @@ import transformers
 
 from flaxsst import Classifier
 from flaxsst.config import load_train_config
+from flaxsst.convert import load_pretrained
 from flaxsst.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,29 @@ def test_interrupted_and_rerun_training_equals_an_uninterrupted_run_bitwise(tmp_
     assert resumed.finished and resumed.step == 20
     _assert_bitwise_equal(uninterrupted.params, resumed.params)
     assert resumed.best_accuracy == uninterrupted.best_accuracy
+
+
+def test_flat_param_layout_trains_as_the_tree_layout_resumes_bitwise_and_refuses_the_other(tmp_path):
+    tree = Trainer(_config(), tmp_path / "tree").run()
+    flat = Trainer(_config("train.param_layout=flat"), tmp_path / "flat").run()
+    # The same math (dropout included): only the order of the global-norm sum differs.
+    for a, b in zip(jax.tree_util.tree_leaves(flat.params), jax.tree_util.tree_leaves(tree.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    exported_flat = load_pretrained(tmp_path / "flat" / "export")[1]
+    exported_tree = load_pretrained(tmp_path / "tree" / "export")[1]
+    for a, b in zip(jax.tree_util.tree_leaves(exported_flat), jax.tree_util.tree_leaves(exported_tree), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+    def interrupt_at_7(trainer, step):
+        if step == 7:
+            trainer.request_stop()
+
+    assert not Trainer(_config("train.param_layout=flat"), tmp_path / "b", on_step=interrupt_at_7).run().finished
+    with pytest.raises(ValueError, match=r"holds train.param_layout=flat state; this run asks for train.param_layout=tree"):
+        Trainer(_config(), tmp_path / "b").run()
+    resumed = Trainer(_config("train.param_layout=flat"), tmp_path / "b").run()
+    assert resumed.finished and resumed.step == 20
+    _assert_bitwise_equal(flat.params, resumed.params)
 
 
 def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
