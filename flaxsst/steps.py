@@ -140,7 +140,10 @@ class FlatLayout(TreeLayout):
         is_norm = ["LayerNorm" in n or "layer_norm" in n for n in names]
         decayed = jax.tree_util.tree_leaves(decay_mask(params))
         self.compute_dtype = None if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32 else compute_dtype
-        group = lambda norm: sorted((i for i, n in enumerate(is_norm) if n == norm), key=lambda i: not decayed[i])
+
+        def group(norm: bool) -> list[int]:  # leaf indices of one group, the decayed ones first
+            return sorted((i for i, n in enumerate(is_norm) if n == norm), key=lambda i: not decayed[i])
+
         self.cast_order, self.norm_order = group(False), group(True)
         self.slots: list[tuple[int, int]] = [(0, 0)] * len(self.shapes)
         offset = 0

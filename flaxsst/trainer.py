@@ -22,7 +22,13 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from flaxsst.config import ModelConfig, TrainConfig, parse_dtype, train_config_to_yaml
+from flaxsst.config import (
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    parse_dtype,
+    train_config_to_yaml,
+)
 from flaxsst.convert import load_pretrained, save_pretrained
 from flaxsst.data import (
     TokenizedSplit,
@@ -37,7 +43,13 @@ from flaxsst.data import (
 from flaxsst.metrics import classification_metrics, format_table
 from flaxsst.model import DistilBertForSequenceClassification, init_params
 from flaxsst.predict import enable_compilation_cache
-from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_layout, make_optimizer
+from flaxsst.steps import (
+    DataParallel,
+    create_train_state,
+    linear_warmup_decay,
+    make_layout,
+    make_optimizer,
+)
 from flaxsst.tokenizer import Tokenizer
 
 logger = logging.getLogger("flaxsst")
@@ -312,7 +324,7 @@ class Trainer:
         if latest is not None:
             saved_layout = self.checkpoints.read_meta(latest).get("param_layout", "tree")
             if saved_layout != self.layout.name:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.checkpoints.directory / str(latest)} holds train.param_layout={saved_layout} state; this run asks "
                     f"for train.param_layout={self.layout.name}: rerun with train.param_layout={saved_layout} or use a new workdir"
                 )

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from flaxsst import Classifier
-from flaxsst.config import load_train_config
+from flaxsst.config import ConfigError, load_train_config
 from flaxsst.convert import load_pretrained
 from flaxsst.trainer import Trainer
 
@@ -67,7 +67,7 @@ def test_flat_param_layout_trains_as_the_tree_layout_resumes_bitwise_and_refuses
             trainer.request_stop()
 
     assert not Trainer(_config("train.param_layout=flat"), tmp_path / "b", on_step=interrupt_at_7).run().finished
-    with pytest.raises(ValueError, match=r"holds train.param_layout=flat state; this run asks for train.param_layout=tree"):
+    with pytest.raises(ConfigError, match=r"holds train.param_layout=flat state; this run asks for train.param_layout=tree"):
         Trainer(_config(), tmp_path / "b").run()
     resumed = Trainer(_config("train.param_layout=flat"), tmp_path / "b").run()
     assert resumed.finished and resumed.step == 20
