@@ -3,10 +3,10 @@
 #   bash bench/device_run.sh recipe      # MiniLM recipe (accuracy), DistilBERT-base recipe (time), PyTorch recipe anchor
 #   bash bench/device_run.sh throughput  # PyTorch throughput anchors, flaxsst train steps (pmap and shard_map)
 #   bash bench/device_run.sh inference   # batch sweep, inference throughput, Classifier latency
-#   bash bench/device_run.sh accuracy    # MiniLM recipe over seeds (SEEDS, default 42 1 2 3), then seed 42 in float32
+#   bash bench/device_run.sh accuracy    # MiniLM recipe over seeds (SEEDS, default 42 1 2 3), seed 42 with the flat
+#                                        # layout (traced), then seed 42 in float32
 #   bash bench/device_run.sh variants    # candidate steps of bench/step_variants.py and the packed Classifier, profiled
-#   bash bench/device_run.sh layouts     # the DistilBERT-base recipe timed with train.param_layout=tree and =flat, then
-#                                        # the MiniLM recipe with =flat (its accuracy through the flat path)
+#   bash bench/device_run.sh layouts     # the DistilBERT-base recipe timed with param_layout tree/flat, pmap/shard_map
 # Needs .devdata/ (sst2, minilm-l6, distilbert-tok, the anchor scripts) and .whl/ (datasets, omegaconf, tensorboardX)
 # carried along; see bench/RESULTS.md.
 set -uo pipefail
@@ -58,20 +58,22 @@ accuracy)  # the recipe's spread over seeds; the persistent compile cache makes 
         model.init=.devdata/minilm-l6 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache train.seed=$seed \
         train.checkpoint_every_steps=100000 ${RECIPE_OVERRIDES:-}
   done
+  # the flat layout's accuracy, traced over steps 2000-2100 of the real loop: device busy vs span per step
+  [ -n "${SKIP_FLAT:-}" ] || run minilm_flat 200 python3 bench/recipe.py --config conf/sst2_minilm.yaml --workdir /tmp/minilm_flat \
+      --profile /tmp/prof_loop model.init=.devdata/minilm-l6 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache \
+      train.checkpoint_every_steps=100000 train.param_layout=flat ${RECIPE_OVERRIDES:-}
   [ -n "${SKIP_FP32:-}" ] || run minilm_fp32 240 python3 bench/recipe.py --config conf/sst2_minilm.yaml --workdir /tmp/minilm_fp32 \
       model.init=.devdata/minilm-l6 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache model.dtype=float32 \
       train.checkpoint_every_steps=100000
   ;;
-layouts)  # the recipe itself with each parameter layout, same session (LAYOUTS, default "tree flat")
-  for layout in ${LAYOUTS:-tree flat}; do
-    run distilbert_recipe_$layout 200 python3 bench/recipe.py --config conf/sst2.yaml --workdir /tmp/distil_$layout \
+layouts)  # the DistilBERT-base recipe itself per layout and mapping, same session (RUNS, default below)
+  for run_spec in ${RUNS:-tree:pmap flat:pmap flat:shard_map}; do
+    layout=${run_spec%%:*} parallel=${run_spec##*:}
+    run distilbert_recipe_${layout}_$parallel 200 python3 bench/recipe.py --config conf/sst2.yaml --workdir /tmp/distil_${layout}_$parallel \
         --tokenizer .devdata/distilbert-tok model.init= model.dtype=bfloat16 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache \
-        'data.length_buckets=[16,32,64,128]' train.checkpoint_every_steps=100000 train.param_layout=$layout ${RECIPE_OVERRIDES:-}
+        'data.length_buckets=[16,32,64,128]' train.checkpoint_every_steps=100000 train.param_layout=$layout \
+        train.parallel=$parallel ${RECIPE_OVERRIDES:-}
   done
-  # traced over steps 2000-2100 of the real loop: device busy vs span per step (is the GPU left idle between steps?)
-  run minilm_recipe_flat 200 python3 bench/recipe.py --config conf/sst2_minilm.yaml --workdir /tmp/minilm_flat \
-      --profile /tmp/prof_loop model.init=.devdata/minilm-l6 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache train.checkpoint_every_steps=100000 \
-      train.param_layout=flat ${RECIPE_OVERRIDES:-}
   ;;
 variants)  # candidates against the trainer's step in the same process; per-step kernel counts from a trace
   run torch_anchor 150 python3 .devdata/anchor_torch.py

@@ -371,9 +371,14 @@ class DataParallel:
         return jax.device_put(jax.device_get(tree), NamedSharding(self.mesh, PartitionSpec()))
 
     def put_batch(self, rows: dict) -> dict:
-        """This process's rows of a global batch -> the step's batch argument."""
+        """This process's rows of a global batch -> the step's batch argument, already on the devices
+        (the trainer calls this in its prefetch thread, so the copies overlap the running step)."""
         if self.kind == "pmap":
-            return shard(rows, self.local_count)
+            per_device = shard(rows, self.local_count)
+            if jax.process_count() > 1:  # host copies, as ``replicate`` passes them across processes
+                return per_device
+            devices = self.devices or jax.local_devices()
+            return jax.device_put(per_device, NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS)))
         shard(rows, self.local_count)  # the same divisibility check and message
         sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in rows.items()}
