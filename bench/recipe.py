@@ -77,17 +77,14 @@ class LoopTrace:
             self.active, self.done = False, True
 
     def summary(self) -> dict:
-        import glob
-
-        from throughput import summarize_trace
+        from throughput import summarize_latest_trace
 
         if self.active:
             jax.profiler.stop_trace()
             return {"error": f"the run ended before step {self.last}"}
-        files = sorted(glob.glob(f"{self.log_dir}/**/perfetto_trace.json.gz", recursive=True))
-        if not self.done or not files:
-            return {"error": f"no trace of steps {self.first}:{self.last} under {self.log_dir}"}
-        return {"steps_traced": f"{self.first}:{self.last}", **summarize_trace(files[-1], self.last - self.first)}
+        if not self.done:
+            return {"error": f"the run never reached step {self.first}"}
+        return {"steps_traced": f"{self.first}:{self.last}", **summarize_latest_trace(self.log_dir, self.last - self.first)}
 
 
 if __name__ == "__main__":

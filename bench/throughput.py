@@ -191,13 +191,18 @@ def summarize_trace(trace_file: str, dispatches: int, steps_per_dispatch: int = 
 
 def profile_summary(call, dispatches: int, steps_per_dispatch: int, log_dir: str) -> dict:
     """Trace ``dispatches`` calls of a warmed-up ``call`` and summarize them."""
-    import glob
-
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         result = None
         for _ in range(dispatches):
             result = call()
         jax.block_until_ready(result)
+    return summarize_latest_trace(log_dir, dispatches, steps_per_dispatch)
+
+
+def summarize_latest_trace(log_dir: str, dispatches: int, steps_per_dispatch: int = 1) -> dict:
+    """``summarize_trace`` of the newest perfetto trace under ``log_dir`` (or an error entry)."""
+    import glob
+
     files = sorted(glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True))
     if not files:
         return {"error": f"no perfetto trace under {log_dir}"}

@@ -300,10 +300,17 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
     devices = list(devices or jax.local_devices())
     stacked = jax.tree_util.tree_map(
         lambda x: np.broadcast_to(np.asarray(x)[None], (len(devices), *np.shape(x))), tree)
+    return put_stacked(stacked, devices)
+
+
+def put_stacked(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """Host arrays with a leading axis of one slice per device -> on ``devices`` (default: all
+    local ones), slice i on device i, as ``pmap`` takes them. Across several processes the host
+    copies are returned as they are and ``pmap`` places them."""
     if jax.process_count() > 1:
-        return stacked
-    sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
-    return jax.device_put(stacked, sharding)
+        return tree
+    devices = list(devices or jax.local_devices())
+    return jax.device_put(tree, NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS)))
 
 
 def unreplicate(tree: Any) -> Any:
@@ -374,11 +381,7 @@ class DataParallel:
         """This process's rows of a global batch -> the step's batch argument, already on the devices
         (the trainer calls this in its prefetch thread, so the copies overlap the running step)."""
         if self.kind == "pmap":
-            per_device = shard(rows, self.local_count)
-            if jax.process_count() > 1:  # host copies, as ``replicate`` passes them across processes
-                return per_device
-            devices = self.devices or jax.local_devices()
-            return jax.device_put(per_device, NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS)))
+            return put_stacked(shard(rows, self.local_count), self.devices)
         shard(rows, self.local_count)  # the same divisibility check and message
         sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in rows.items()}
