@@ -46,11 +46,14 @@ PEAK_TFLOPS = {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}
 
 
 def forward_flops(config: ModelConfig, seq: int) -> float:
-    """Matmul FLOPs of one sequence's forward pass (embeddings lookups excluded)."""
+    """Matmul FLOPs of one sequence's forward pass (embeddings lookups excluded), as the classifier
+    runs it: the last block computes the [CLS] position only (keys and values for every position;
+    ``DistilBertModel(cls_only=True)``)."""
     d, h = config.dim, config.hidden_dim
     per_layer = 8 * seq * d * d + 4 * seq * d * h + 4 * seq * seq * d
+    last_layer = 4 * seq * d * d + 4 * d * d + 4 * d * h + 4 * seq * d
     head = 2 * d * d + 2 * d * config.num_labels
-    return config.n_layers * per_layer + head
+    return (config.n_layers - 1) * per_layer + last_layer + head
 
 
 def _peak_memory() -> int | None:

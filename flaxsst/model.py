@@ -120,19 +120,23 @@ class MultiHeadSelfAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
-        """``hidden [batch, seq, dim]``, ``attention_mask [batch, seq]`` (1 = token) -> ``[batch, seq, dim]``."""
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
+                 cls_only: bool = False) -> jax.Array:
+        """``hidden [batch, seq, dim]``, ``attention_mask [batch, seq]`` (1 = token) -> ``[batch, seq, dim]``;
+        with ``cls_only`` only the first position queries (all positions are keys and values): ``[batch, 1, dim]``."""
         config = self.config
-        batch, seq_len, _ = hidden.shape
+        batch = hidden.shape[0]
         head_dim = config.dim // config.n_heads
 
-        def heads(name: str) -> jax.Array:
-            return _dense(config, config.dim, name)(hidden).reshape(batch, seq_len, config.n_heads, head_dim)
+        def heads(name: str, rows: jax.Array) -> jax.Array:
+            return _dense(config, config.dim, name)(rows).reshape(batch, rows.shape[1], config.n_heads, head_dim)
 
-        query, key, value = heads("q_lin"), heads("k_lin"), heads("v_lin")
+        query = heads("q_lin", hidden[:, :1] if cls_only else hidden)
+        key, value = heads("k_lin", hidden), heads("v_lin", hidden)
         keep = attention_mask[:, None, None, :].astype(bool)
-        if deterministic and _fused_attention_available(config):
-            # cuDNN's fused kernel never writes the [batch, heads, seq, seq] scores to memory.
+        if deterministic and not cls_only and _fused_attention_available(config):
+            # cuDNN's fused kernel never writes the [batch, heads, seq, seq] scores to memory (one
+            # query row's scores are small, so cls_only keeps the einsum path the probe covered).
             context = jax.nn.dot_product_attention(query, key, value, mask=keep, implementation="cudnn")
         else:
             query = query / jnp.asarray(math.sqrt(head_dim), config.dtype)
@@ -141,7 +145,7 @@ class MultiHeadSelfAttention(nn.Module):
             weights = jax.nn.softmax(scores, axis=-1).astype(config.dtype)
             weights = nn.Dropout(config.attention_dropout)(weights, deterministic=deterministic)
             context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-        context = context.reshape(batch, seq_len, config.dim)
+        context = context.reshape(batch, query.shape[1], config.dim)
         return _dense(config, config.dim, "out_lin")(context)
 
 
@@ -164,8 +168,11 @@ class TransformerBlock(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
-        attended = MultiHeadSelfAttention(self.config, name="attention")(hidden, attention_mask, deterministic)
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
+                 cls_only: bool = False) -> jax.Array:
+        attended = MultiHeadSelfAttention(self.config, name="attention")(hidden, attention_mask, deterministic, cls_only)
+        if cls_only:
+            hidden = hidden[:, :1]
         hidden = _layer_norm(self.config, "sa_layer_norm")(attended + hidden)
         transformed = FFN(self.config, name="ffn")(hidden, deterministic)
         return _layer_norm(self.config, "output_layer_norm")(transformed + hidden)
@@ -177,9 +184,12 @@ class TransformerLayers(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
+                 cls_only: bool = False) -> jax.Array:
+        last = self.config.n_layers - 1
         for index in range(self.config.n_layers):
-            hidden = TransformerBlock(self.config, name=str(index))(hidden, attention_mask, deterministic)
+            hidden = TransformerBlock(self.config, name=str(index))(
+                hidden, attention_mask, deterministic, cls_only and index == last)
         return hidden
 
 
@@ -187,12 +197,19 @@ class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
-        return TransformerLayers(self.config, name="layer")(hidden, attention_mask, deterministic)
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
+                 cls_only: bool = False) -> jax.Array:
+        return TransformerLayers(self.config, name="layer")(hidden, attention_mask, deterministic, cls_only)
 
 
 class DistilBertModel(nn.Module):
-    """The encoder: ``input_ids, attention_mask [batch, seq]`` -> hidden states ``[batch, seq, dim]``."""
+    """The encoder: ``input_ids, attention_mask [batch, seq]`` -> hidden states ``[batch, seq, dim]``.
+
+    ``cls_only=True``: only the first ([CLS]) position's last hidden state, ``[batch, 1, dim]``. The
+    last block then queries from that position alone (every position is still a key and value), so
+    its attention, output projection and FFN skip the other positions' rows: the same [CLS] state
+    for ~1/n_layers less work (14% of DistilBERT-base's matmul FLOPs at 128 tokens).
+    """
 
     config: ModelConfig
 
@@ -202,15 +219,19 @@ class DistilBertModel(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
+        cls_only: bool = False,
     ) -> jax.Array:
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         hidden = Embeddings(self.config, name="embeddings")(input_ids, deterministic)
-        return Transformer(self.config, name="transformer")(hidden, attention_mask, deterministic)
+        return Transformer(self.config, name="transformer")(hidden, attention_mask, deterministic, cls_only)
 
 
 class DistilBertForSequenceClassification(nn.Module):
     """Encoder + ``pre_classifier`` + ReLU + dropout + ``classifier`` on the [CLS] vector.
+
+    The logits read only the [CLS] position, so the encoder runs with ``cls_only`` (its last block
+    computes that position alone): the same logits as Hugging Face's model, less work.
 
     ``input_ids, attention_mask [batch, seq]`` -> float32 logits ``[batch, num_labels]``.
     """
@@ -225,7 +246,7 @@ class DistilBertForSequenceClassification(nn.Module):
         deterministic: bool = True,
     ) -> jax.Array:
         config = self.config
-        hidden = DistilBertModel(config, name="distilbert")(input_ids, attention_mask, deterministic)
+        hidden = DistilBertModel(config, name="distilbert")(input_ids, attention_mask, deterministic, cls_only=True)
         pooled = _dense(config, config.dim, "pre_classifier")(hidden[:, 0])
         pooled = nn.relu(pooled)
         pooled = nn.Dropout(config.seq_classif_dropout)(pooled, deterministic=deterministic)
