@@ -7,6 +7,8 @@
 #                                        # layout (traced), then seed 42 in float32
 #   bash bench/device_run.sh variants    # candidate steps of bench/step_variants.py and the packed Classifier, profiled
 #   bash bench/device_run.sh layouts     # the DistilBERT-base recipe timed with param_layout tree/flat, pmap/shard_map
+#   bash bench/device_run.sh lastblock   # [CLS]-only last block (base) against the last block over every position
+#                                        # (allrows): train batch 256, inference batch 1024, the recipe, same session
 # Needs .devdata/ (sst2, minilm-l6, distilbert-tok, the anchor scripts) and .whl/ (datasets, omegaconf, tensorboardX)
 # carried along; see bench/RESULTS.md.
 set -uo pipefail
@@ -74,6 +76,10 @@ layouts)  # the DistilBERT-base recipe itself per layout and mapping, same sessi
         'data.length_buckets=[16,32,64,128]' train.checkpoint_every_steps=100000 train.param_layout=$layout \
         train.parallel=$parallel ${RECIPE_OVERRIDES:-}
   done
+  ;;
+lastblock)  # the [CLS]-only last block's before/after (~4 min): same process per pair, same session
+  run flax_lastblock_train 150 python3 bench/throughput.py --mode train --batch 256 32 --seq 128 --variant base allrows
+  run flax_lastblock_infer 120 python3 bench/throughput.py --mode infer --batch 1024 --seq 128 --variant base allrows
   ;;
 variants)  # candidates against the trainer's step in the same process; per-step kernel counts from a trace
   run torch_anchor 150 python3 .devdata/anchor_torch.py

@@ -7,6 +7,10 @@
 - ``flat``: the same step with ``flaxsst.steps.FlatLayout`` (``train.param_layout=flat``):
   parameters and AdamW moments as one float32 vector each, so clipping and AdamW are a few
   kernels over the whole model instead of a few per tensor (~100 tensors).
+- ``allrows``: the base step with the classifier's last block over every position, as
+  transformers computes it and as flaxsst did before 2026-11-23
+  (``DistilBertForSequenceClassification(config, cls_only=False)``); the before/after of the
+  [CLS]-only last block. ``bench/throughput.py`` takes it for inference too.
 - ``scan<k>`` / ``flat_scan<k>``: ``k`` consecutive steps in one dispatch, ``lax.scan`` over a
   ``[k, rows, ...]`` stack of batches (for when a trace shows the GPU idle between dispatches).
 
@@ -23,6 +27,7 @@ from typing import Any
 import jax
 
 from flaxsst.config import TrainSection
+from flaxsst.model import DistilBertForSequenceClassification
 from flaxsst.steps import (
     AXIS,
     TreeLayout,
@@ -35,13 +40,22 @@ from flaxsst.steps import (
 
 
 def parse(variant: str) -> tuple[str, int]:
-    """``"flat_scan4"`` -> ``("flat", 4)``; ``"scan4"`` -> ``("tree", 4)``; ``"base"`` -> ``("tree", 1)``."""
+    """``"flat_scan4"`` -> ``("flat", 4)``; ``"scan4"`` -> ``("tree", 4)``; ``"base"`` and ``"allrows"``
+    -> ``("tree", 1)`` (``allrows`` changes the model, not the step: ``model_for``)."""
+    if variant == "allrows":
+        return "tree", 1
     base, _, k = variant.partition("_scan")
     if variant.startswith("scan"):
         base, k = "base", variant[len("scan"):]
     if base not in ("base", "flat") or not (k == "" or k.isdigit()):
-        raise ValueError(f"variant {variant!r}: expected base, flat, scan<k> or flat_scan<k>")
+        raise ValueError(f"variant {variant!r}: expected base, allrows, flat, scan<k> or flat_scan<k>")
     return ("tree" if base == "base" else "flat"), int(k) if k else 1
+
+
+def model_for(variant: str, config) -> DistilBertForSequenceClassification:
+    """The classifier a variant runs: [CLS]-only last block, except for ``allrows``."""
+    parse(variant)
+    return DistilBertForSequenceClassification(config, cls_only=variant != "allrows")
 
 
 def scan_steps(step: Callable) -> Callable:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flaxsst.config import ModelConfig, TrainSection, dtype_name, parse_dtype  # noqa: E402
-from flaxsst.model import DistilBertForSequenceClassification, init_params  # noqa: E402
+from flaxsst.model import init_params  # noqa: E402
 from flaxsst.steps import (  # noqa: E402
     DataParallel,
     create_train_state,
@@ -42,16 +42,17 @@ import step_variants  # noqa: E402  (bench/ is on sys.path when this runs as a s
 
 # Dense peak of an H100 SXM (datasheet, no sparsity). The bench also prints the measured
 # bf16 matmul ceiling of ../shared/bench/README.md (~790 TFLOP/s) for reference.
+INFER_VARIANTS = ("base", "allrows")  # the inference cases take these of --variant
 PEAK_TFLOPS = {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}
 
 
-def forward_flops(config: ModelConfig, seq: int) -> float:
+def forward_flops(config: ModelConfig, seq: int, cls_only: bool = True) -> float:
     """Matmul FLOPs of one sequence's forward pass (embeddings lookups excluded), as the classifier
     runs it: the last block computes the [CLS] position only (keys and values for every position;
-    ``DistilBertModel(cls_only=True)``)."""
+    ``DistilBertModel(cls_only=True)``); ``cls_only=False``: every position, as transformers does."""
     d, h = config.dim, config.hidden_dim
     per_layer = 8 * seq * d * d + 4 * seq * d * h + 4 * seq * seq * d
-    last_layer = 4 * seq * d * d + 4 * d * d + 4 * d * h + 4 * seq * d
+    last_layer = 4 * seq * d * d + 4 * d * d + 4 * d * h + 4 * seq * d if cls_only else per_layer
     head = 2 * d * d + 2 * d * config.num_labels
     return (config.n_layers - 1) * per_layer + last_layer + head
 
@@ -88,12 +89,14 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     parallel = DataParallel(kind, jax.local_devices()[:n_devices])
     if batch % n_devices:
         raise SystemExit(f"--batch {batch} does not divide over {n_devices} devices")
-    model = DistilBertForSequenceClassification(config)
+    model = step_variants.model_for(variant, config)
     params = init_params(config, 0)
     device_batch = parallel.put_batch(_batch(batch, seq, config.vocab_size))
     per_dispatch = 1
     train = TrainSection(learning_rate=1e-5, warmup_steps=600)
-    layout_name, scan = step_variants.parse(variant) if mode == "train" else ("tree", 1)
+    layout_name, scan = step_variants.parse(variant)
+    if mode != "train" and variant not in INFER_VARIANTS:
+        raise SystemExit(f"--variant {variant} is a train-step variant; inference takes {', '.join(INFER_VARIANTS)}")
     if mode == "train" and scan > 1:
         if kind != "pmap":
             raise SystemExit(f"--variant {variant} is measured under pmap only")
@@ -131,10 +134,10 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     trace = None
     if profile:
         trace = profile_summary(call, steps, per_dispatch, f"{profile}/{mode}-{variant}-{kind}-b{batch}-s{seq}-{dtype}")
-    flops = forward_flops(config, seq) * batch * (3 if mode == "train" else 1)
+    flops = forward_flops(config, seq, model.cls_only) * batch * (3 if mode == "train" else 1)
     peak = PEAK_TFLOPS[dtype_name(config.dtype)]
     return {
-        "what": f"flaxsst_{mode}", "parallel": kind, "variant": variant if mode == "train" else "base", "prng": jax.config.jax_default_prng_impl, "batch": batch, "seq": seq, "dtype": dtype_name(config.dtype),
+        "what": f"flaxsst_{mode}", "parallel": kind, "variant": variant, "prng": jax.config.jax_default_prng_impl, "batch": batch, "seq": seq, "dtype": dtype_name(config.dtype),
         "devices": n_devices, "step_ms": round(step_s * 1e3, 3), "examples_per_s": round(batch / step_s, 1),
         "tokens_per_s": round(batch * seq / step_s), "tflops": round(flops / step_s / 1e12, 1),
         "mfu": round(flops / step_s / 1e12 / peak, 3), "peak_tflops": peak,
@@ -286,7 +289,8 @@ def main() -> None:
     parser.add_argument("--png", help="plot of examples/s against batch size")
     parser.add_argument("--classifier", metavar="TOKENIZER_DIR", help="also time Classifier on one sentence")
     parser.add_argument("--variant", nargs="+", default=["base"],
-                        help="train-step candidates of bench/step_variants.py: base, flat, scan<k>, flat_scan<k>")
+                        help="train-step candidates of bench/step_variants.py: base, allrows, flat, scan<k>, "
+                        "flat_scan<k>; inference takes base and allrows")
     parser.add_argument("--profile", metavar="DIR", help="trace each case's timed steps; adds per-step kernel counts, "
                         "device busy time and the top kernels to its JSON")
     args = parser.parse_args()
@@ -306,7 +310,7 @@ def main() -> None:
     rows = []
     for kind in args.parallel:
         for mode, batch, seq in cases:
-            for variant in (args.variant if mode == "train" else ["base"]):
+            for variant in (args.variant if mode == "train" else [v for v in args.variant if v in INFER_VARIANTS] or ["base"]):
                 row = bench_case(mode, batch, seq, args.dtype, args.devices, args.steps, config, kind, variant, args.profile)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

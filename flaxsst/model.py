@@ -232,11 +232,14 @@ class DistilBertForSequenceClassification(nn.Module):
 
     The logits read only the [CLS] position, so the encoder runs with ``cls_only`` (its last block
     computes that position alone): the same logits as Hugging Face's model, less work.
+    ``cls_only=False`` runs the last block over every position, as transformers does (the
+    bench's before/after comparison, ``bench/throughput.py --variant allrows``).
 
     ``input_ids, attention_mask [batch, seq]`` -> float32 logits ``[batch, num_labels]``.
     """
 
     config: ModelConfig
+    cls_only: bool = True
 
     @nn.compact
     def __call__(
@@ -246,7 +249,7 @@ class DistilBertForSequenceClassification(nn.Module):
         deterministic: bool = True,
     ) -> jax.Array:
         config = self.config
-        hidden = DistilBertModel(config, name="distilbert")(input_ids, attention_mask, deterministic, cls_only=True)
+        hidden = DistilBertModel(config, name="distilbert")(input_ids, attention_mask, deterministic, cls_only=self.cls_only)
         pooled = _dense(config, config.dim, "pre_classifier")(hidden[:, 0])
         pooled = nn.relu(pooled)
         pooled = nn.Dropout(config.seq_classif_dropout)(pooled, deterministic=deterministic)

@@ -11,7 +11,7 @@ import pytest
 
 from flaxsst.config import TrainSection
 from flaxsst.convert import config_from_hf
-from flaxsst.model import DistilBertForSequenceClassification, init_params
+from flaxsst.model import init_params
 from flaxsst.steps import replicate, shard, unreplicate
 from tests.fixtures import random_ids, tiny_hf_config
 
@@ -30,12 +30,13 @@ def _batches(n, rows=8, seq=16, vocab=120):
 
 
 @functools.cache
-def _run(variant, dtype, n_batches=4, devices=2):
+def _run(variant, dtype, n_batches=4, devices=2, dropout=0.1):
     batches = _batches(n_batches)
-    config, _ = config_from_hf(tiny_hf_config(120).to_dict(), dtype=dtype)
+    config, _ = config_from_hf(tiny_hf_config(120, dropout=dropout, attention_dropout=dropout,
+                                              seq_classif_dropout=dropout).to_dict(), dtype=dtype)
     params = init_params(config, 0)
     train = TrainSection(learning_rate=1e-3, warmup_steps=1)
-    step, state, k, layout = step_variants.build(variant, DistilBertForSequenceClassification(config), params,
+    step, state, k, layout = step_variants.build(variant, step_variants.model_for(variant, config), params,
                                                  train, 10, dtype)
     mapped = step_variants.pmapped(step)
     state = replicate(state, jax.devices()[:devices])
@@ -65,8 +66,22 @@ def test_variant_steps_equal_the_trainers_step(variant, dtype, atol):
     assert moved > 1e-3  # four steps at lr 1e-3 really moved the weights
 
 
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-5)], ids=["fp32", "bf16"])
+def test_allrows_variant_trains_as_the_cls_only_classifier(dtype, atol):
+    """The before/after of the [CLS]-only last block: with dropout off (the other positions' rows
+    of the last block draw dropout bits too), four steps with the last block over every position
+    end where the [CLS]-only classifier does."""
+    assert step_variants.model_for("base", None).cls_only and not step_variants.model_for("allrows", None).cls_only
+    expected, expected_norms = _run("base", dtype, dropout=0.0)
+    got, norms = _run("allrows", dtype, dropout=0.0)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+    np.testing.assert_allclose(norms, expected_norms, rtol=1e-4)
+
+
 def test_variant_names_are_parsed_and_bad_ones_named():
     assert step_variants.parse("base") == ("tree", 1)
+    assert step_variants.parse("allrows") == ("tree", 1)
     assert step_variants.parse("flat") == ("flat", 1)
     assert step_variants.parse("scan4") == ("tree", 4)
     assert step_variants.parse("flat_scan8") == ("flat", 8)
