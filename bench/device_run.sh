@@ -8,7 +8,7 @@
 #   bash bench/device_run.sh variants    # candidate steps of bench/step_variants.py and the packed Classifier, profiled
 #   bash bench/device_run.sh layouts     # the DistilBERT-base recipe timed with param_layout tree/flat, pmap/shard_map
 #   bash bench/device_run.sh lastblock   # [CLS]-only last block (base) against the last block over every position
-#                                        # (allrows): train batch 256, inference batch 1024, the recipe, same session
+#                                        # (allrows): train batch 256 and 32, inference batch 1024; PyTorch anchors
 # Needs .devdata/ (sst2, minilm-l6, distilbert-tok, the anchor scripts) and .whl/ (datasets, omegaconf, tensorboardX)
 # carried along; see bench/RESULTS.md.
 set -uo pipefail
@@ -77,7 +77,8 @@ layouts)  # the DistilBERT-base recipe itself per layout and mapping, same sessi
         train.parallel=$parallel ${RECIPE_OVERRIDES:-}
   done
   ;;
-lastblock)  # the [CLS]-only last block's before/after (~4 min): same process per pair, same session
+lastblock)  # the [CLS]-only last block's before/after (~6 min): same process per pair, PyTorch anchors in the same call
+  run torch_anchor 240 python3 .devdata/anchor_torch.py --compile
   run flax_lastblock_train 150 python3 bench/throughput.py --mode train --batch 256 32 --seq 128 --variant base allrows
   run flax_lastblock_infer 120 python3 bench/throughput.py --mode infer --batch 1024 --seq 128 --variant base allrows
   ;;
