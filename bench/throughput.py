@@ -40,9 +40,10 @@ from flaxsst.steps import (  # noqa: E402
 
 import step_variants  # noqa: E402  (bench/ is on sys.path when this runs as a script)
 
+INFER_VARIANTS = ("base", "allrows")  # the inference cases take these of --variant
+
 # Dense peak of an H100 SXM (datasheet, no sparsity). The bench also prints the measured
 # bf16 matmul ceiling of ../shared/bench/README.md (~790 TFLOP/s) for reference.
-INFER_VARIANTS = ("base", "allrows")  # the inference cases take these of --variant
 PEAK_TFLOPS = {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}
 
 
