@@ -1,0 +1,64 @@
+"""The [CLS]-only last block against the last block over every position, in one process, interleaved.
+
+    python bench/cpu_lastblock_ab.py --data ../shared/data/sst2 --tokenizer-dir ../shared/data/distilbert-base-uncased-finetuned-sst-2-english
+
+``Classifier`` on the 872 SST-2 dev sentences with DistilBERT-base shapes (random weights), once with
+``DistilBertForSequenceClassification(cls_only=True)`` (the product) and once with ``cls_only=False``
+(as transformers computes it), alternating for ``--rounds`` rounds so that machine noise hits both
+alike. Prints one JSON line: the best time of each, every round's times, the speedup and the largest
+logit difference between the two.
+"""
+
+import argparse
+import csv
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from flaxsst.config import ModelConfig
+from flaxsst.model import DistilBertForSequenceClassification, init_params
+from flaxsst.predict import Classifier
+from flaxsst.tokenizer import Tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="GLUE SST-2 folder (dev.tsv)")
+    parser.add_argument("--tokenizer-dir", required=True, help="folder with tokenizer.json / vocab.txt")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    config = ModelConfig(id2label={0: "NEGATIVE", 1: "POSITIVE"})
+    params = init_params(config, 0)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer_dir)
+    with open(f"{args.data}/dev.tsv", encoding="utf-8") as f:
+        texts = [row[0] for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)][1:]
+    classifiers = {}
+    for name, cls_only in (("cls_only", True), ("allrows", False)):
+        clf = Classifier(config, params, tokenizer, batch_size=args.batch_size)
+        model = DistilBertForSequenceClassification(config, cls_only=cls_only)
+        clf._forward = jax.jit(lambda p, ids, mask, model=model: model.apply({"params": p}, ids, mask, deterministic=True))
+        clf.logits(texts)  # compiles every bucket
+        classifiers[name] = clf
+    times: dict = {name: [] for name in classifiers}
+    for _ in range(args.rounds):
+        for name, clf in classifiers.items():
+            start = time.perf_counter()
+            clf.logits(texts)
+            times[name].append(time.perf_counter() - start)
+    diff = float(np.abs(classifiers["cls_only"].logits(texts) - classifiers["allrows"].logits(texts)).max())
+    print(json.dumps({
+        "what": "cpu_lastblock_ab", "sentences": len(texts), "batch_size": args.batch_size,
+        **{f"{name}_s_best": round(min(t), 3) for name, t in times.items()},
+        **{f"{name}_s_rounds": [round(x, 2) for x in t] for name, t in times.items()},
+        "speedup": round(min(times["allrows"]) / min(times["cls_only"]), 3), "max_abs_logit_diff": diff,
+        "jax": jax.__version__, "cores": os.cpu_count(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
