@@ -9,14 +9,16 @@ alike. Prints one JSON line: the best time of each, every round's times, the spe
 logit difference between the two.
 """
 
-import argparse
-import csv
 import json
 import os
 import time
 
 import jax
 import numpy as np
+from cpu_predict import (  # bench/ is on sys.path when this runs as a script
+    dev_parser,
+    read_dev,
+)
 
 from flaxsst.config import ModelConfig
 from flaxsst.model import DistilBertForSequenceClassification, init_params
@@ -25,18 +27,14 @@ from flaxsst.tokenizer import Tokenizer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="GLUE SST-2 folder (dev.tsv)")
-    parser.add_argument("--tokenizer-dir", required=True, help="folder with tokenizer.json / vocab.txt")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser = dev_parser(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     config = ModelConfig(id2label={0: "NEGATIVE", 1: "POSITIVE"})
     params = init_params(config, 0)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer_dir)
-    with open(f"{args.data}/dev.tsv", encoding="utf-8") as f:
-        texts = [row[0] for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)][1:]
+    texts = read_dev(args.data)
     classifiers = {}
     for name, cls_only in (("cls_only", True), ("allrows", False)):
         clf = Classifier(config, params, tokenizer, batch_size=args.batch_size)

@@ -19,11 +19,23 @@ import time
 import numpy as np
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def dev_parser(description: str) -> argparse.ArgumentParser:
+    """The options the CPU benches share: the SST-2 folder, the tokenizer folder, the batch size."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", required=True, help="GLUE SST-2 folder (dev.tsv)")
     parser.add_argument("--tokenizer-dir", required=True, help="folder with tokenizer.json / vocab.txt")
     parser.add_argument("--batch-size", type=int, default=32)
+    return parser
+
+
+def read_dev(data: str) -> list[str]:
+    """The sentences of ``data/dev.tsv`` in file order."""
+    with open(os.path.join(data, "dev.tsv"), encoding="utf-8", newline="") as f:
+        return [row["sentence"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+
+def main() -> None:
+    parser = dev_parser(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -35,8 +47,7 @@ def main() -> None:
     from flaxsst.convert import load_pretrained
     from flaxsst.tokenizer import Tokenizer
 
-    with open(os.path.join(args.data, "dev.tsv"), encoding="utf-8", newline="") as f:
-        texts = [row["sentence"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    texts = read_dev(args.data)
     torch.manual_seed(0)
     hf = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(num_labels=2)).eval()
     folder = tempfile.mkdtemp()
