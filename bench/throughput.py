@@ -95,13 +95,12 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     device_batch = parallel.put_batch(_batch(batch, seq, config.vocab_size))
     per_dispatch = 1
     train = TrainSection(learning_rate=1e-5, warmup_steps=600)
+    total_steps = 6315  # the recipe's, for the schedule
     layout_name, scan = step_variants.parse(variant)
-    if mode != "train" and variant not in INFER_VARIANTS:
-        raise SystemExit(f"--variant {variant} is a train-step variant; inference takes {', '.join(INFER_VARIANTS)}")
     if mode == "train" and scan > 1:
         if kind != "pmap":
             raise SystemExit(f"--variant {variant} is measured under pmap only")
-        per_device, host_state, per_dispatch, _ = step_variants.build(variant, model, params, train, 6315, config.dtype)
+        per_device, host_state, per_dispatch, _ = step_variants.build(variant, model, params, train, total_steps, config.dtype)
         step = step_variants.pmapped(per_device)
         state = [replicate(host_state, jax.local_devices()[:n_devices])]
         sharded = shard(_batch(batch, seq, config.vocab_size), n_devices)
@@ -113,8 +112,9 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
             return metrics
     elif mode == "train":  # the trainer's own step, with the variant's parameter layout
         layout = make_layout(layout_name, params, config.dtype)
-        optimizer = make_optimizer(train, 6315, layout)
-        step = parallel.train_step(model, optimizer, linear_warmup_decay(1e-5, 600, 6315), layout=layout)
+        optimizer = make_optimizer(train, total_steps, layout)
+        schedule = linear_warmup_decay(train.learning_rate, train.warmup_steps, total_steps)
+        step = parallel.train_step(model, optimizer, schedule, layout=layout)
         state = [parallel.put_state(create_train_state(layout.pack(params), optimizer, 0))]
 
         def call():
