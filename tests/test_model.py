@@ -121,7 +121,10 @@ def test_real_pretrained_minilm_equals_transformers(test_data):
     texts = ["it 's a charming and often affecting journey . ", "unflinchingly bleak and desperate ", "a"]
     input_ids, mask = tok.pad(tok.encode(texts), 64)
     hidden = DistilBertModel(config).apply({"params": params["distilbert"]}, input_ids, mask, deterministic=True)
-    np.testing.assert_allclose(np.asarray(hidden), _bert_hidden(reference, input_ids, mask), atol=1e-4, rtol=0)
+    # Real tokens only: the states at padding positions feed nothing (the classifier reads [CLS]), and on
+    # some CPUs fp32 rounding alone moves them by 2e-4 at magnitude 4.8, while real tokens agree to 2e-6.
+    real = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[real], _bert_hidden(reference, input_ids, mask)[real], atol=1e-4, rtol=0)
 
 
 def test_bf16_with_float32_residual_is_as_close_to_fp32_as_torch_autocast(test_data):
