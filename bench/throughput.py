@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flaxsst.config import ModelConfig, TrainSection, dtype_name, parse_dtype  # noqa: E402
+from flaxsst.config import ModelConfig, dtype_name, load_train_config, parse_dtype  # noqa: E402
 from flaxsst.model import init_params  # noqa: E402
 from flaxsst.steps import (  # noqa: E402
     DataParallel,
@@ -41,6 +41,7 @@ from flaxsst.steps import (  # noqa: E402
 import step_variants  # noqa: E402  (bench/ is on sys.path when this runs as a script)
 
 INFER_VARIANTS = ("base", "allrows")  # the inference cases take these of --variant
+RECIPE = Path(__file__).resolve().parents[1] / "conf" / "sst2.yaml"  # the train steps' optimizer and schedule
 
 # Dense peak of an H100 SXM (datasheet, no sparsity). The bench also prints the measured
 # bf16 matmul ceiling of ../shared/bench/README.md (~790 TFLOP/s) for reference.
@@ -94,8 +95,8 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     params = init_params(config, 0)
     device_batch = parallel.put_batch(_batch(batch, seq, config.vocab_size))
     per_dispatch = 1
-    train = TrainSection(learning_rate=1e-5, warmup_steps=600)
-    total_steps = 6315  # the recipe's, for the schedule
+    train = load_train_config(RECIPE).train
+    total_steps = 6315  # the recipe's step count on SST-2's 67,349 training sentences (tests/test_data.py)
     layout_name, scan = step_variants.parse(variant)
     if mode == "train" and scan > 1:
         if kind != "pmap":
