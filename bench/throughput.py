@@ -28,15 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flaxsst.config import ModelConfig, dtype_name, load_train_config, parse_dtype  # noqa: E402
 from flaxsst.model import init_params  # noqa: E402
-from flaxsst.steps import (  # noqa: E402
-    DataParallel,
-    create_train_state,
-    linear_warmup_decay,
-    make_layout,
-    make_optimizer,
-    replicate,
-    shard,
-)
+from flaxsst.parallel import DataParallel, replicate, shard  # noqa: E402
+from flaxsst.steps import create_train_state, linear_warmup_decay, make_layout, make_optimizer  # noqa: E402
 
 import step_variants  # noqa: E402  (bench/ is on sys.path when this runs as a script)
 

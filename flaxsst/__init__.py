@@ -1,7 +1,12 @@
 """flaxsst: DistilBERT SST-2 sentiment in JAX/Flax, numerically identical to Hugging Face's PyTorch model."""
 
+from flaxsst.runtime import quiet_tpu_runtime
+
 __all__ = ["Classifier", "ModelConfig", "Tokenizer"]
 __version__ = "0.1.0"
+
+# Before anything imports jax's backends: libtpu (the tpu extra) on a machine without TPU chips starts quietly.
+quiet_tpu_runtime()
 
 _WHERE = {"Classifier": "flaxsst.predict", "ModelConfig": "flaxsst.config", "Tokenizer": "flaxsst.tokenizer"}
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from flaxsst.errors import ConfigError
+
 _DTYPES = {
     "float32": jnp.float32,
     "fp32": jnp.float32,
@@ -32,7 +34,7 @@ def parse_dtype(value: Any) -> Any:
         try:
             return _DTYPES[value.lower()]
         except KeyError:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown dtype {value!r}; expected one of {sorted(_DTYPES)}"
             ) from None
     return jnp.dtype(value).type
@@ -89,17 +91,17 @@ class ModelConfig:
         if self.residual_dtype is not None:
             self.residual_dtype = parse_dtype(self.residual_dtype)
         if self.dim % self.n_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"dim={self.dim} must be divisible by n_heads={self.n_heads}"
             )
         if self.activation not in ("gelu", "relu"):
-            raise ValueError(
+            raise ConfigError(
                 f"activation={self.activation!r} is not supported; expected 'gelu' or 'relu'"
             )
         if self.attention not in ("auto", "xla"):
-            raise ValueError(f"attention={self.attention!r}; expected 'auto' or 'xla'")
+            raise ConfigError(f"attention={self.attention!r}; expected 'auto' or 'xla'")
         if sorted(self.id2label) != list(range(len(self.id2label))):
-            raise ValueError(
+            raise ConfigError(
                 f"id2label keys must be 0..num_labels-1, got {sorted(self.id2label)}"
             )
 
@@ -137,7 +139,7 @@ class ModelConfig:
         if "num_labels" in extra and "id2label" not in known:
             known["id2label"] = {i: f"LABEL_{i}" for i in range(int(extra.pop("num_labels")))}
         extra.pop("num_labels", None)
-        return cls(**known, extra=extra, **overrides)
+        return cls(**{**known, **overrides}, extra=extra)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "ModelConfig":
@@ -166,6 +168,7 @@ class ModelSection:
     n_layers: int = 6
     n_heads: int = 12
     hidden_dim: int = 3072
+    max_position_embeddings: int = 512  # the longest data.max_seq_length a random init takes
     dropout: float | None = None  # None = as in the model config
     attention_dropout: float | None = None
     seq_classif_dropout: float | None = None
@@ -230,57 +233,128 @@ class TrainConfig:
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema; the message names the key."""
+def config_keys(section: Any = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the training config: ``model.init`` ... ``distributed.process_id``."""
+    keys = []
+    for field in dataclasses.fields(section):
+        if dataclasses.is_dataclass(field.default_factory if field.default_factory is not dataclasses.MISSING else None):
+            keys += config_keys(field.default_factory, f"{prefix}{field.name}.")
+        else:
+            keys.append(prefix + field.name)
+    return keys
+
+
+def _unknown_key_message(key: str) -> str:
+    """``unknown key 'train.lr'; did you mean train.learning_rate? (train has: ...)``: close names,
+    prefixes and initials (``lr`` -> ``learning_rate``) of the keys in the same section."""
+    import difflib
+
+    keys = config_keys()
+    sections = sorted({k.split(".")[0] for k in keys})
+    section, _, leaf = key.partition(".")
+    if section not in sections:
+        close = difflib.get_close_matches(section, sections, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}{'.' + leaf if leaf else ''}?" if close else ""
+        return f"unknown key {key!r}{hint} (sections: {', '.join(sections)})"
+    leaves = [k.split(".", 1)[1] for k in keys if k.startswith(section + ".")]
+    leaf = leaf.split(".")[0]
+    picks = [name for name in leaves
+             if leaf and (name.startswith(leaf) or "".join(word[0] for word in name.split("_")) == leaf)]
+    picks += [name for name in difflib.get_close_matches(leaf, leaves, n=3, cutoff=0.6) if name not in picks]
+    hint = f"; did you mean {' or '.join(f'{section}.{name}' for name in picks[:3])}?" if picks else ""
+    return f"unknown key {key!r}{hint} ({section} has: {', '.join(leaves)})"
+
+
+def _merge(base: Any, update: Any, where: str) -> Any:
+    """``OmegaConf.merge`` whose schema errors name ``where`` (a file or an override) and the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as e:
+        raise ConfigError(f"{where}: {_unknown_key_message(str(e.full_key))}") from None
+    except OmegaConfBaseException as e:
+        key = f"{e.full_key!r}: " if getattr(e, "full_key", None) else ""
+        raise ConfigError(f"{where}: {key}{str(e).splitlines()[0]}") from None
 
 
 def load_train_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """YAML file + dotted ``key=value`` overrides -> a typed, validated ``TrainConfig``."""
+    """YAML file + dotted ``key=value`` overrides -> a typed, validated ``TrainConfig``.
+
+    Every error is a ``ConfigError`` naming the file (and line) or the override, and the key.
+    """
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    schema = OmegaConf.structured(TrainConfig)
+    merged = OmegaConf.structured(TrainConfig)
+    if path is not None:
+        merged = _merge(merged, _load_yaml(Path(path)), str(path))
+    for item in overrides:
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.learning_rate=2e-5)")
+        try:
+            update = OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item}: {value!r} is not a valid value ({getattr(e, 'problem', e)})") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item}: {str(e).splitlines()[0]}") from None
+        merged = _merge(merged, update, f"override {item}")
     try:
-        merged = schema
-        if path is not None:
-            merged = OmegaConf.merge(merged, _load_yaml(Path(path)))
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.learning_rate=2e-5)")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"config key {key!r}{where}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config key {getattr(e, 'full_key', None)!r}: {str(e).splitlines()[0]}") from None
     _validate(config)
     return config
 
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()):
     """A YAML config; its ``base: other.yaml`` (relative to it) is loaded first and overridden."""
-    from omegaconf import OmegaConf
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
 
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in seen:
         raise ConfigError(f"config {path} includes itself through 'base'")
-    raw = OmegaConf.load(path)
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read the config: {e}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:), got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is None:
         return raw
-    return OmegaConf.merge(_load_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+    return _merge(_load_yaml(path.parent / base, seen + (path.resolve(),)), raw, str(path))
 
 
 def _validate(config: TrainConfig) -> None:
+    train, data = config.train, config.data
     checks = [
-        (config.train.global_batch_size > 0, "train.global_batch_size", "a positive integer"),
-        (config.train.learning_rate > 0, "train.learning_rate", "positive"),
-        (config.train.num_epochs > 0, "train.num_epochs", "positive"),
-        (config.train.warmup_steps >= 0, "train.warmup_steps", "at least 0"),
-        (config.data.max_seq_length >= 2, "data.max_seq_length", "at least 2"),
-        (all(2 <= b <= config.data.max_seq_length for b in config.data.length_buckets),
-         "data.length_buckets", f"lengths in [2, data.max_seq_length={config.data.max_seq_length}]"),
+        (train.global_batch_size > 0, "train.global_batch_size", "a positive integer"),
+        (train.learning_rate > 0, "train.learning_rate", "positive"),
+        (train.num_epochs > 0, "train.num_epochs", "positive"),
+        (train.warmup_steps >= 0, "train.warmup_steps", "at least 0"),
+        (0 <= train.adam_b1 < 1, "train.adam_b1", "in [0, 1)"),
+        (0 <= train.adam_b2 < 1, "train.adam_b2", "in [0, 1)"),
+        (train.adam_eps > 0, "train.adam_eps", "positive"),
+        (train.weight_decay >= 0, "train.weight_decay", "at least 0"),
+        (train.max_grad_norm > 0, "train.max_grad_norm", "positive"),
+        (train.eval_batch_size > 0, "train.eval_batch_size", "a positive integer"),
+        (train.log_every_steps > 0, "train.log_every_steps", "a positive integer"),
+        (train.checkpoint_every_steps > 0, "train.checkpoint_every_steps", "a positive integer"),
+        (train.keep_checkpoints > 0, "train.keep_checkpoints", "a positive integer"),
+        (bool(data.path.strip()), "data.path", "a GLUE folder, a file, a hub data set id or 'synthetic'"),
+        (data.max_seq_length >= 2, "data.max_seq_length", "at least 2"),
+        (all(2 <= b <= data.max_seq_length for b in data.length_buckets),
+         "data.length_buckets", f"lengths in [2, data.max_seq_length={data.max_seq_length}]"),
     ]
     for ok, key, want in checks:
         if not ok:
@@ -301,8 +375,9 @@ def _validate(config: TrainConfig) -> None:
                           "expected 'threefry2x32', 'rbg' or 'unsafe_rbg'")
     if config.train.parallel not in ("pmap", "shard_map"):
         raise ConfigError(f"config key 'train.parallel' = {config.train.parallel!r}; expected 'pmap' or 'shard_map'")
-    if config.train.param_layout not in ("tree", "flat"):
-        raise ConfigError(f"config key 'train.param_layout' = {config.train.param_layout!r}; expected 'tree' or 'flat'")
+    if config.train.param_layout not in ("tree", "flat", "grouped", "stacked"):
+        raise ConfigError(f"config key 'train.param_layout' = {config.train.param_layout!r}; "
+                          "expected 'tree', 'flat', 'grouped' or 'stacked'")
 
 
 def train_config_to_yaml(config: TrainConfig) -> str:

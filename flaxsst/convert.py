@@ -20,13 +20,15 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flaxsst.config import ModelConfig
+from flaxsst.errors import CheckpointError, ConfigError
+from flaxsst.hub import resolve_model_dir
 from flaxsst.model import init_params, sinusoidal_position_table
 
 logger = logging.getLogger(__name__)
@@ -37,10 +39,6 @@ PYTORCH_NAME = "pytorch_model.bin"
 PYTORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 CONFIG_NAME = "config.json"
 HEAD_PREFIXES = ("pre_classifier.", "classifier.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file and the keys."""
 
 
 @dataclasses.dataclass
@@ -146,7 +144,19 @@ def bert_to_distilbert_key(key: str) -> str | None:
 # ---- config translation ---------------------------------------------------------------
 
 def config_from_hf(data: dict[str, Any], source: str = CONFIG_NAME, **overrides: Any) -> tuple[ModelConfig, str]:
-    """A HF ``config.json`` dict -> ``(ModelConfig, family)`` with family ``"distilbert"`` or ``"bert"``."""
+    """A HF ``config.json`` dict -> ``(ModelConfig, family)`` with family ``"distilbert"`` or ``"bert"``;
+    a missing or bad field is a ``CheckpointError`` naming ``source``."""
+    try:
+        return _config_from_hf(data, source, **overrides)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: no {e.args[0]!r} field") from None
+    except (ConfigError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _config_from_hf(data: dict[str, Any], source: str, **overrides: Any) -> tuple[ModelConfig, str]:
     model_type = data.get("model_type", "distilbert")
     if model_type == "distilbert":
         return ModelConfig.from_dict(data, **overrides), "distilbert"
@@ -187,9 +197,14 @@ def config_from_hf(data: dict[str, Any], source: str = CONFIG_NAME, **overrides:
 # ---- reading weights --------------------------------------------------------------------
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); is it truncated? "
+                              "download or export it again") from None
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -200,8 +215,25 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
             f"{path} is a PyTorch pickle: reading it needs torch (pip install torch). "
             "Checkpoints in model.safetensors need no torch."
         ) from None
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign pickle
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; anything else is a ``CheckpointError`` naming the file and the line."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def read_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -214,7 +246,9 @@ def read_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray]
     for index_name, reader in ((SAFETENSORS_INDEX_NAME, _read_safetensors), (PYTORCH_INDEX_NAME, _read_torch)):
         index_path = model_dir / index_name
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path} has no 'weight_map' object")
             tensors, origin = {}, {}
             for shard in sorted(set(weight_map.values())):
                 shard_path = model_dir / shard
@@ -232,54 +266,6 @@ def read_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray]
         f"{model_dir} holds no weights: expected one of {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
         f"{PYTORCH_NAME}, {PYTORCH_INDEX_NAME}; found {sorted(p.name for p in model_dir.iterdir())}"
     )
-
-
-# ---- resolving a name -----------------------------------------------------------------
-
-_HUB_PATTERNS = ["*.json", "*.safetensors", "vocab.txt"]
-
-
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else is meant as a folder."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-
-
-def resolve_model_dir(
-    name_or_path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-) -> Path:
-    """A local folder as it is, or a hub id through ``huggingface_hub`` (its cache and
-    ``HF_HUB_OFFLINE`` honoured)."""
-    path = Path(os.path.expanduser(str(name_or_path)))
-    if path.is_dir():
-        return path
-    name = str(name_or_path)
-    if path.exists():
-        raise CheckpointError(f"{name} is a file; expected a folder with config.json and weights, or a hub id")
-    if _looks_like_path(name):
-        raise FileNotFoundError(f"model folder {name} does not exist")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        folder = Path(snapshot_download(
-            name, revision=revision, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS,
-            local_files_only=local_files_only,
-        ))
-        if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(
-                name, revision=revision, cache_dir=cache_dir,
-                allow_patterns=_HUB_PATTERNS + ["pytorch_model*.bin"], local_files_only=local_files_only,
-            ))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise FileNotFoundError(
-            f"{name!r} is neither a local folder nor a hub model that could be fetched or found in the cache "
-            f"({type(e).__name__}: {e})"
-        ) from e
-    return folder
 
 
 # ---- HF -> Flax ---------------------------------------------------------------------------
@@ -391,28 +377,29 @@ def load_pretrained(
     local_files_only: bool = False,
     rng: jax.Array | int = 0,
     return_report: bool = False,
+    setting: str | None = None,
     **config_overrides: Any,
 ):
     """A HF folder or hub id -> ``(ModelConfig, params)`` (``+ LoadReport`` with ``return_report``).
 
     DistilBERT checkpoints (with or without a classification head) and BERT-family
     encoders load into the same DistilBERT-shaped model; fp16/bf16 weights are cast
-    to ``param_dtype``. ``config_overrides`` replace config fields (e.g. ``id2label``).
+    to ``param_dtype``. ``config_overrides`` replace config fields (e.g. ``id2label``). ``setting`` names
+    where the name came from (``model.init``, ``--model``) in errors.
     """
-    model_dir = resolve_model_dir(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    model_dir = resolve_model_dir(name_or_path, key=setting, revision=revision, cache_dir=cache_dir,
+                                  local_files_only=local_files_only)
     config_path = model_dir / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{model_dir} has no {CONFIG_NAME}; found {sorted(p.name for p in model_dir.iterdir())}")
-    config, family = config_from_hf(
-        json.loads(config_path.read_text(encoding="utf-8")), str(config_path),
-        dtype=dtype, param_dtype=param_dtype, **config_overrides,
-    )
+    config, family = config_from_hf(_read_json(config_path), str(config_path),
+                                    dtype=dtype, param_dtype=param_dtype, **config_overrides)
     tensors, origin = read_state_dict(model_dir)
     params, report = state_dict_to_params(tensors, config, family, origin, rng)
-    if report.initialized or report.dropped or report.folded:
-        logger.warning(report.summary())
     if return_report:
         return config, params, report
+    if report.initialized or report.dropped or report.folded:
+        logger.warning(report.summary())
     return config, params
 
 
@@ -472,9 +459,3 @@ def save_pretrained(out_dir: str | os.PathLike, config: ModelConfig, params: dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def tree_paths(params: dict) -> Iterable[str]:
-    """``distilbert/embeddings/word_embeddings/embedding`` ... for every leaf."""
-    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        yield "/".join(str(getattr(p, "key", p)) for p in path)

@@ -22,14 +22,12 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from flaxsst.config import DataSection
+from flaxsst.errors import DataError
+from flaxsst.hub import load_dataset_split, looks_like_path
 from flaxsst.tokenizer import pad_right
 
 GLUE_FILES = {"train": "train", "validation": "dev", "dev": "dev", "test": "test"}
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """A bad data file or row; the message names the file and the row."""
 
 
 @dataclasses.dataclass
@@ -79,6 +77,44 @@ def synthetic_sentiment(size: int, seed: int) -> tuple[list[str], list[int]]:
 
 # ---- reading -----------------------------------------------------------------------------
 
+def _check_text_file(path: Path) -> None:
+    """An empty file, or one that is not UTF-8, named with the line of the first bad byte."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path} is empty: expected a header line and one row per example")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+                        "save the file as UTF-8") from None
+
+
+def _load_file(path: Path):
+    """-> (rows as a ``datasets.Dataset``, the first data line number, or None where rows are not lines)."""
+    import datasets
+
+    builder = FILE_BUILDERS.get(path.suffix)
+    if builder is None:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}")
+    kwargs = {}
+    if builder == "csv":
+        kwargs = dict(delimiter="\t" if path.suffix == ".tsv" else ",", keep_default_na=False)
+        if path.suffix == ".tsv":
+            kwargs["quoting"] = csv.QUOTE_NONE  # GLUE sentences contain bare quotes
+    if builder != "parquet":
+        _check_text_file(path)
+    try:
+        table = datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
+    except Exception as e:  # the file's own problem (a malformed row, a broken parquet file)
+        cause = e.__cause__ or e
+        raise DataError(f"{path}: cannot be read as {builder}: {type(cause).__name__}: "
+                        f"{(str(cause).strip().splitlines() or [''])[0][:300]}") from None
+    if len(table) == 0:
+        raise DataError(f"{path} has a header but no rows")
+    return table, (2 if builder == "csv" else 1) if builder != "parquet" else None
+
+
 def _load_table(data: DataSection, split: str):
     """-> (rows as a ``datasets.Dataset``, a description for errors, first data line number or None)."""
     import datasets
@@ -93,24 +129,14 @@ def _load_table(data: DataSection, split: str):
         if not found:
             raise DataError(f"{folder} has no file for split {split!r}: looked for {[c.name for c in candidates]}")
         split_path = found[0]
+    elif not split_path.is_file() and folder.is_file():
+        split_path = folder  # data.path names the file itself
     if split_path.is_file():
-        builder = FILE_BUILDERS.get(split_path.suffix)
-        if builder is None:
-            raise DataError(f"{split_path}: unknown file type {split_path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}")
-        kwargs = {}
-        if builder == "csv":
-            kwargs = dict(delimiter="\t" if split_path.suffix == ".tsv" else ",", keep_default_na=False)
-            if split_path.suffix == ".tsv":
-                kwargs["quoting"] = csv.QUOTE_NONE  # GLUE sentences contain bare quotes
-        table = datasets.load_dataset(builder, data_files={"data": str(split_path)}, split="data", **kwargs)
-        return table, str(split_path), 2 if builder == "csv" else 1
-    if os.sep in data.path and not folder.exists():
-        raise DataError(f"data.path {data.path} does not exist")
-    name, _, subset = data.path.partition(":")
-    if name == "glue/sst2":
-        name, subset = "nyu-mll/glue", "sst2"
-    table = datasets.load_dataset(name, subset or None, split=split)
-    return table, f"{data.path} [{split}]", None
+        table, first_line = _load_file(split_path)
+        return table, str(split_path), first_line
+    if looks_like_path(data.path):
+        raise DataError(f"data.path={data.path}: {folder} does not exist")
+    return load_dataset_split(data.path, split), f"{data.path} [{split}]", None
 
 
 def _label_id(value, label2id: dict[str, int], num_labels: int) -> int | None:

@@ -16,8 +16,11 @@ PyTorch autocast's split).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,15 +51,53 @@ def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
     )
 
 
-def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
-    # Exact two-pass variance: E[x^2]-E[x]^2 drifts by ~1e-5 from PyTorch's LayerNorm.
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_eps,
-        dtype=config.residual_dtype or config.dtype,
-        param_dtype=config.param_dtype,
-        use_fast_variance=False,
-        name=name,
-    )
+def _layer_norm(config: ModelConfig, name: str) -> "LayerNorm":
+    return LayerNorm(config.layer_norm_eps, config.residual_dtype or config.dtype, config.param_dtype, name=name)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis: ``nn.LayerNorm``'s parameters and forward numbers (two-pass
+    variance in float32: E[x^2]-E[x]^2 drifts by ~1e-5 from PyTorch's), with the backward written
+    out (``layer_norm``) so it takes two row reductions instead of autodiff's chain of them."""
+
+    epsilon: float
+    dtype: Any
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (x.shape[-1],), self.param_dtype)
+        return layer_norm(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Any) -> jax.Array:
+    """``(x - mean) / sqrt(var + epsilon) * scale + bias`` over the last axis, statistics in float32."""
+    return _layer_norm_forward(x, scale, bias, epsilon, dtype)[0]
+
+
+def _layer_norm_forward(x, scale, bias, epsilon, dtype):
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + epsilon)
+    y = (x32 - mean) * (rstd * scale) + bias
+    return y.astype(dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_backward(epsilon, dtype, residuals, dy):
+    x, mean, rstd, scale = residuals
+    dy32 = dy.astype(jnp.float32)
+    normalized = (x.astype(jnp.float32) - mean) * rstd
+    g = dy32 * scale
+    dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
+                 - normalized * jnp.mean(g * normalized, axis=-1, keepdims=True))
+    rows = tuple(range(dy.ndim - 1))
+    return (dx.astype(x.dtype), jnp.sum(dy32 * normalized, axis=rows).astype(scale.dtype),
+            jnp.sum(dy32, axis=rows).astype(scale.dtype))
+
+
+layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,9 +162,10 @@ class MultiHeadSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
-                 cls_only: bool = False) -> jax.Array:
+                 cls_only: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
         """``hidden [batch, seq, dim]``, ``attention_mask [batch, seq]`` (1 = token) -> ``[batch, seq, dim]``;
-        with ``cls_only`` only the first position queries (all positions are keys and values): ``[batch, 1, dim]``."""
+        with ``cls_only`` only the first position queries (all positions are keys and values): ``[batch, 1, dim]``.
+        ``dropout_key``: the attention dropout's key (default: flax's, from the module path)."""
         config = self.config
         batch = hidden.shape[0]
         head_dim = config.dim // config.n_heads
@@ -143,7 +185,7 @@ class MultiHeadSelfAttention(nn.Module):
             scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
             scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
             weights = jax.nn.softmax(scores, axis=-1).astype(config.dtype)
-            weights = nn.Dropout(config.attention_dropout)(weights, deterministic=deterministic)
+            weights = nn.Dropout(config.attention_dropout)(weights, deterministic=deterministic, rng=dropout_key)
             context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
         context = context.reshape(batch, query.shape[1], config.dim)
         return _dense(config, config.dim, "out_lin")(context)
@@ -153,7 +195,7 @@ class FFN(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, hidden: jax.Array, deterministic: bool, dropout_key: jax.Array | None = None) -> jax.Array:
         config = self.config
         hidden = _dense(config, config.hidden_dim, "lin1")(hidden)
         if config.activation == "gelu":
@@ -161,7 +203,7 @@ class FFN(nn.Module):
         else:
             hidden = nn.relu(hidden)
         hidden = _dense(config, config.dim, "lin2")(hidden)
-        return nn.Dropout(config.dropout)(hidden, deterministic=deterministic)
+        return nn.Dropout(config.dropout)(hidden, deterministic=deterministic, rng=dropout_key)
 
 
 class TransformerBlock(nn.Module):
@@ -169,37 +211,124 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
-                 cls_only: bool = False) -> jax.Array:
-        attended = MultiHeadSelfAttention(self.config, name="attention")(hidden, attention_mask, deterministic, cls_only)
+                 cls_only: bool = False, dropout_keys: jax.Array | None = None) -> jax.Array:
+        """``dropout_keys [2, ...]``: the attention and the FFN dropout's keys (default: flax's)."""
+        keys = (None, None) if dropout_keys is None else (dropout_keys[0], dropout_keys[1])
+        attended = MultiHeadSelfAttention(self.config, name="attention")(hidden, attention_mask, deterministic, cls_only,
+                                                                          keys[0])
         if cls_only:
             hidden = hidden[:, :1]
         hidden = _layer_norm(self.config, "sa_layer_norm")(attended + hidden)
-        transformed = FFN(self.config, name="ffn")(hidden, deterministic)
+        transformed = FFN(self.config, name="ffn")(hidden, deterministic, keys[1])
         return _layer_norm(self.config, "output_layer_norm")(transformed + hidden)
 
 
-class TransformerLayers(nn.Module):
-    """The ``layer`` list: blocks named ``0`` .. ``n_layers-1`` as in the HF state dict."""
+# The dropout sites of a block, as flax names their scopes (each Dropout draws its first key: counter 1).
+BLOCK_DROPOUT_SITES = (("attention", "Dropout_0", 1), ("ffn", "Dropout_0", 1))
+
+
+def flax_rng_hash(suffix: tuple[str | int, ...]) -> int:
+    """The 32-bit number flax folds into a root key for the scope path ``suffix`` (``LazyRng``'s
+    ``_fold_in_static``): a module's dropout key is ``fold_in(root, flax_rng_hash(path + (counter,)))``."""
+    import flax
+
+    digest = hashlib.sha1()
+    for part in suffix:
+        if flax.config.flax_fix_rng_separator:
+            digest.update(b"\00")
+        digest.update(part.encode("utf-8") if isinstance(part, str) else part.to_bytes((part.bit_length() + 7) // 8, "big"))
+    return int.from_bytes(digest.digest()[:4], byteorder="big")
+
+
+class _LayerStep(nn.Module):
+    """One block as a step of ``nn.scan``: ``(hidden, the layer's dropout keys)`` -> ``(hidden, None)``."""
 
     config: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, dropout_keys: jax.Array, attention_mask: jax.Array):
+        block = TransformerBlock(self.config, name="block")
+        return block(hidden, attention_mask, self.deterministic, dropout_keys=dropout_keys), None
+
+
+class TransformerLayers(nn.Module):
+    """The ``layer`` list: blocks named ``0`` .. ``n_layers-1`` as in the HF state dict.
+
+    ``scan=True`` runs the first ``n_layers-1`` blocks as one ``nn.scan`` over stacked parameters
+    (``scan/block/...``, a leading layer axis: ``stack_layers``), so they compile once, and the last
+    block as ``n_layers-1``. Its dropout keys are the ones flax derives for the unrolled blocks'
+    paths, so both forms compute the same function, dropout included.
+    """
+
+    config: ModelConfig
+    scan: bool = False
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
                  cls_only: bool = False) -> jax.Array:
         last = self.config.n_layers - 1
-        for index in range(self.config.n_layers):
-            hidden = TransformerBlock(self.config, name=str(index))(
-                hidden, attention_mask, deterministic, cls_only and index == last)
-        return hidden
+        if not self.scan:
+            for index in range(self.config.n_layers):
+                hidden = TransformerBlock(self.config, name=str(index))(
+                    hidden, attention_mask, deterministic, cls_only and index == last)
+            return hidden
+        if last:
+            scanned = nn.scan(_LayerStep, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(0, nn.broadcast), length=last)
+            hidden, _ = scanned(self.config, deterministic, name="scan")(hidden, self._dropout_keys(deterministic),
+                                                                         attention_mask)
+        return TransformerBlock(self.config, name=str(last))(hidden, attention_mask, deterministic, cls_only)
+
+    def _dropout_keys(self, deterministic: bool) -> jax.Array:
+        """``[n_layers-1, 2, *key]``: for each scanned block, the keys flax gives its unrolled twin."""
+        last = self.config.n_layers - 1
+        if deterministic or not self.has_rng("dropout"):
+            return jnp.zeros((last, len(BLOCK_DROPOUT_SITES), 2), jnp.uint32)
+        lazy = self.scope.rngs["dropout"]
+        hashes = np.array([[flax_rng_hash(tuple(lazy.suffix) + (str(i),) + site) for site in BLOCK_DROPOUT_SITES]
+                           for i in range(last)], np.uint32)
+        return jax.vmap(jax.vmap(lambda h: jax.random.fold_in(lazy.rng, h)))(jnp.asarray(hashes))
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """Per-layer parameters (``.../transformer/layer/0`` .. ``/n-1``, the HF-named tree) -> the scanned
+    model's: layers ``0..n-2`` stacked under ``layer/scan/block``, the last as ``layer/n-1``."""
+    return _map_layers(params, lambda layers: {
+        "scan": {"block": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                                 *[layers[str(i)] for i in range(n_layers - 1)])},
+        str(n_layers - 1): layers[str(n_layers - 1)]} if n_layers > 1 else layers)
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """The inverse of ``stack_layers``."""
+    def split(layers):
+        if n_layers == 1:
+            return layers
+        stacked = layers["scan"]["block"]
+        out = {str(i): jax.tree_util.tree_map(lambda x, i=i: np.asarray(x)[i], stacked) for i in range(n_layers - 1)}
+        out[str(n_layers - 1)] = layers[str(n_layers - 1)]
+        return out
+
+    return _map_layers(params, split)
+
+
+def _map_layers(params: dict, fn) -> dict:
+    """``params`` with its ``transformer/layer`` subtree replaced by ``fn(subtree)`` (with or without the head)."""
+    encoder = params.get("distilbert", params)
+    layers = encoder["transformer"]["layer"]
+    new_encoder = {**encoder, "transformer": {**encoder["transformer"], "layer": fn(layers)}}
+    return {**params, "distilbert": new_encoder} if "distilbert" in params else new_encoder
 
 
 class Transformer(nn.Module):
     config: ModelConfig
+    scan: bool = False
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
                  cls_only: bool = False) -> jax.Array:
-        return TransformerLayers(self.config, name="layer")(hidden, attention_mask, deterministic, cls_only)
+        return TransformerLayers(self.config, self.scan, name="layer")(hidden, attention_mask, deterministic, cls_only)
 
 
 class DistilBertModel(nn.Module):
@@ -209,9 +338,12 @@ class DistilBertModel(nn.Module):
     last block then queries from that position alone (every position is still a key and value), so
     its attention, output projection and FFN skip the other positions' rows: the same [CLS] state
     for ~1/n_layers less work (14% of DistilBERT-base's matmul FLOPs at 128 tokens).
+
+    ``scan_layers=True``: the blocks run as one scan over stacked parameters (``TransformerLayers``).
     """
 
     config: ModelConfig
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -224,7 +356,8 @@ class DistilBertModel(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         hidden = Embeddings(self.config, name="embeddings")(input_ids, deterministic)
-        return Transformer(self.config, name="transformer")(hidden, attention_mask, deterministic, cls_only)
+        return Transformer(self.config, self.scan_layers, name="transformer")(hidden, attention_mask, deterministic,
+                                                                              cls_only)
 
 
 class DistilBertForSequenceClassification(nn.Module):
@@ -235,11 +368,15 @@ class DistilBertForSequenceClassification(nn.Module):
     ``cls_only=False`` runs the last block over every position, as transformers does (the
     bench's before/after comparison, ``bench/throughput.py --variant allrows``).
 
+    ``scan_layers=True`` takes the parameters as ``stack_layers`` lays them out and compiles the
+    blocks once (the trainer's form); the default takes them named like the HF state dict.
+
     ``input_ids, attention_mask [batch, seq]`` -> float32 logits ``[batch, num_labels]``.
     """
 
     config: ModelConfig
     cls_only: bool = True
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -249,7 +386,8 @@ class DistilBertForSequenceClassification(nn.Module):
         deterministic: bool = True,
     ) -> jax.Array:
         config = self.config
-        hidden = DistilBertModel(config, name="distilbert")(input_ids, attention_mask, deterministic, cls_only=self.cls_only)
+        hidden = DistilBertModel(config, self.scan_layers, name="distilbert")(input_ids, attention_mask, deterministic,
+                                                                            cls_only=self.cls_only)
         pooled = _dense(config, config.dim, "pre_classifier")(hidden[:, 0])
         pooled = nn.relu(pooled)
         pooled = nn.Dropout(config.seq_classif_dropout)(pooled, deterministic=deterministic)

@@ -1,4 +1,5 @@
-"""Draw a workdir's training curves (loss, accuracy, learning rate) from ``metrics.jsonl`` to PNG.
+"""A workdir's training curves from ``metrics.jsonl`` as one PNG: loss (log scale), accuracy and the
+learning rate from step 0, the best checkpoint marked on each.
 
 ``python -m flaxsst.plot runs/sst2`` -> ``runs/sst2/curves.png``.
 """
@@ -6,74 +7,93 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from flaxsst import cli
+from flaxsst.metric_log import read_metrics
 
-def read_metrics(workdir: Path) -> dict[str, dict[int, dict]]:
-    """``{"train": {step: record}, "eval": {...}}``; a step logged twice (a resumed run) keeps its last record."""
-    records: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {workdir} a flaxsst training workdir?")
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                print(f"warning: {path}:{line_number} is not JSON (a run killed mid-write?); skipped", file=sys.stderr)
-                continue
-            records.setdefault(record["kind"], {})[record["step"]] = record
-    return records
+TRAIN, EVAL, BEST = "#3a7dc9", "#d0563b", "#2e9d4e"
+
+
+def _schedule(run: dict) -> tuple[list[int], list[float]]:
+    """The planned learning rate at its corners: 0 at step 0, the peak after warmup, 0 at the end."""
+    warmup, total, peak = run["warmup_steps"], run["total_steps"], run["learning_rate"]
+    steps = [0, warmup, total] if warmup else [0, total]
+    return steps, ([0.0, peak, 0.0] if warmup else [peak, 0.0])
 
 
 def plot_workdir(workdir: str | Path, out: str | Path | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Draw ``workdir``'s curves to ``out`` (default ``workdir/curves.png``)."""
     import matplotlib.pyplot as plt
 
     workdir = Path(workdir)
     out = Path(out) if out else workdir / "curves.png"
-    records = read_metrics(workdir)
-    train = sorted(records["train"].items())
-    evals = sorted(records["eval"].items())
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    steps = [s for s, _ in train]
-    axes[0].plot(steps, [r["loss"] for _, r in train], label="train")
-    if evals:
-        axes[0].plot([s for s, _ in evals], [r["loss"] for _, r in evals], "o-", label="eval")
-    axes[0].set(title="cross-entropy loss", xlabel="step")
-    axes[0].legend()
-    axes[1].plot(steps, [r["accuracy"] for _, r in train], label="train")
-    if evals:
-        axes[1].plot([s for s, _ in evals], [r["accuracy"] for _, r in evals], "o-", label="eval")
-        best_step, best = max(evals, key=lambda item: item[1]["accuracy"])
-        axes[1].annotate(f"best {best['accuracy']:.4f}", (best_step, best["accuracy"]))
-    axes[1].set(title="accuracy", xlabel="step")
-    axes[1].legend()
-    axes[2].plot(steps, [r["learning_rate"] for _, r in train])
-    axes[2].set(title="learning rate", xlabel="step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle(str(workdir))
-    fig.tight_layout()
+    fig = draw_curves(read_metrics(workdir), str(workdir))
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flaxsst.plot", description=__doc__.splitlines()[0])
-    parser.add_argument("workdir")
-    parser.add_argument("--out", help="PNG path (default: WORKDIR/curves.png)")
-    args = parser.parse_args(argv)
+def draw_curves(records: dict[str, dict[int, dict]], title: str):
+    """The figure: loss, accuracy and learning-rate axes (``metric_log.read_metrics``'s records)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    train = sorted(records["train"].items())
+    evals = sorted(records["eval"].items())
+    run = records.get("run", {}).get(0)
+    best = max(evals, key=lambda item: (item[1]["accuracy"], -item[0])) if evals else None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    steps = [s for s, _ in train]
+
+    loss, accuracy, lr = axes
+    loss.plot(steps, [r["loss"] for _, r in train], color=TRAIN, linewidth=1, label="train (mean since the last log)")
+    accuracy.plot(steps, [r["accuracy"] for _, r in train], color=TRAIN, linewidth=1, alpha=0.7, label="train")
+    if evals:
+        loss.plot([s for s, _ in evals], [r["loss"] for _, r in evals], "o-", color=EVAL, label="dev")
+        accuracy.plot([s for s, _ in evals], [r["accuracy"] for _, r in evals], "o-", color=EVAL, label="dev")
+    loss.set(title="cross-entropy loss (log scale)", yscale="log")
+    accuracy.set(title="accuracy")
+    if run is not None:
+        planned_steps, planned = _schedule(run)
+        lr.plot(planned_steps, planned, color="grey", linestyle="--", linewidth=1, label="planned")
+    lr.plot([0] + steps, [0.0 if run and run["warmup_steps"] else (train[0][1]["learning_rate"] if train else 0.0)]
+            + [r["learning_rate"] for _, r in train], color=TRAIN, label="applied")
+    lr.set(title="learning rate", ylim=(0, None))
+    lr.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:.1e}"))
+    for ax in axes:
+        if best is not None:
+            ax.axvline(best[0], color=BEST, linestyle=":", linewidth=1.5, label=f"best checkpoint, step {best[0]}")
+        ax.set(xlabel="step", xlim=(0, None))
+        ax.grid(alpha=0.3)
+        if run is not None and run.get("steps_per_epoch"):
+            per_epoch = run["steps_per_epoch"]
+            ax.secondary_xaxis("top", functions=(lambda s, n=per_epoch: s / n, lambda e, n=per_epoch: e * n)).set_xlabel("epoch")
+    if best is not None:
+        accuracy.plot([best[0]], [best[1]["accuracy"]], "*", color=BEST, markersize=14,
+                      label=f"best dev accuracy {best[1]['accuracy']:.4f}")
+    for ax in axes:  # legends below the plots, where they cover no curve
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(title, y=0.99)
+    fig.tight_layout()
+    return fig
+
+
+def main(args: argparse.Namespace) -> int:
     print(plot_workdir(args.workdir, args.out))
-    return 0
+    return cli.EXIT_OK
+
+
+def parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m flaxsst.plot", description=__doc__.splitlines()[0])
+    p.add_argument("workdir")
+    p.add_argument("--out", help="PNG path (default: WORKDIR/curves.png)")
+    return p
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, parser()))

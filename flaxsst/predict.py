@@ -10,7 +10,7 @@ row count, so repeated calls reuse a handful of compiled programs. Results come
 back in input order.
 
 Command line: ``python -m flaxsst.predict --model DIR_OR_HUB_ID`` reads JSON
-``{"input_data": [...]}`` or one text per line on stdin and prints the JSON list.
+``{"input_data": [...]}``, a JSON list of texts, or one text per line on stdin and prints the JSON list.
 """
 
 from __future__ import annotations
@@ -26,21 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from flaxsst import cli
 from flaxsst.config import ModelConfig, parse_dtype
 from flaxsst.data import pick_length
+from flaxsst.errors import ConfigError, DataError
 from flaxsst.metrics import softmax
 from flaxsst.model import DistilBertForSequenceClassification
+from flaxsst.runtime import enable_compilation_cache
 from flaxsst.tokenizer import Tokenizer, pad_right
-
-
-def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache, so a second process skips compiles
-    (``FLAXSST_COMPILATION_CACHE=0`` turns it off; ``FLAXSST_CACHE_DIR`` moves it)."""
-    if os.environ.get("FLAXSST_COMPILATION_CACHE", "1") == "0" or getattr(jax.config, "jax_compilation_cache_dir", None):
-        return
-    cache_dir = os.environ.get("FLAXSST_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "flaxsst", "jax"))
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
@@ -84,9 +77,10 @@ class Classifier:
         max_length: int = 128,
     ):
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be at least 1")
+            raise ConfigError(f"batch_size={batch_size} must be at least 1")
         if not 2 <= max_length <= config.max_position_embeddings:
-            raise ValueError(f"max_length={max_length} must lie in [2, {config.max_position_embeddings}]")
+            raise ConfigError(f"max_length={max_length} must lie in [2, {config.max_position_embeddings}] "
+                              "(the model's max_position_embeddings)")
         enable_compilation_cache()
         self.config = config
         self.params = jax.device_put(params)
@@ -107,8 +101,10 @@ class Classifier:
         max_length: int = 128,
         **hub_kwargs: Any,
     ) -> "Classifier":
-        """From a HF folder or hub id holding weights, ``config.json`` and tokenizer files."""
-        from flaxsst.convert import load_pretrained, resolve_model_dir
+        """From a HF folder or hub id holding weights, ``config.json`` and tokenizer files (``hub_kwargs``:
+        ``revision``, ``cache_dir``, ``local_files_only``, and ``key``, the setting named in errors)."""
+        from flaxsst.convert import load_pretrained
+        from flaxsst.hub import resolve_model_dir
 
         folder = resolve_model_dir(name_or_path, **hub_kwargs)
         config, params = load_pretrained(folder, dtype=parse_dtype(dtype))
@@ -162,45 +158,61 @@ class Classifier:
         ]
 
 
-def read_request(raw: str) -> list[str]:
-    """JSON ``{"input_data": [...]}`` (the model card's endpoint format), or one text per line."""
-    if raw.lstrip().startswith("{"):
+def read_request(raw: str, source: str = "stdin") -> list[str]:
+    """JSON ``{"input_data": [...]}`` (the model card's endpoint format), a JSON list of texts, or
+    one text per line. A bad request is a ``DataError`` naming ``source``."""
+    stripped = raw.lstrip()
+    if stripped.startswith(("{", "[")):
         try:
             request = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ValueError(f"stdin starts with '{{' but is not valid JSON: {e}") from None
-        if not isinstance(request, dict) or "input_data" not in request:
-            raise ValueError(f'JSON input must be {{"input_data": [...]}}; got keys {sorted(request)}')
-        return validate_texts(request["input_data"])
+            raise DataError(f"{source} starts with {stripped[0]!r} but is not valid JSON: {e}") from None
+        if isinstance(request, dict):
+            if "input_data" not in request:
+                raise DataError(f'{source}: a JSON object must be {{"input_data": [...]}}; got keys {sorted(request)}')
+            request = request["input_data"]
+        try:
+            return validate_texts(request)
+        except TypeError as e:
+            raise DataError(f"{source}: {e}") from None
     return raw.splitlines()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flaxsst.predict",
-        description='Classify texts: JSON {"input_data": [...]} or one text per line on stdin -> JSON list on stdout.',
-    )
-    parser.add_argument("--model", required=True, help="HF folder or hub id")
-    parser.add_argument("--input", help="read this file instead of stdin")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> int:
     if args.input:
-        with open(args.input, encoding="utf-8") as f:
-            raw = f.read()
+        try:
+            with open(args.input, encoding="utf-8") as f:
+                raw = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"--input {args.input}: cannot be read ({e})") from None
     else:
         raw = sys.stdin.read()
-    try:
-        texts = read_request(raw)
-    except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    clf = Classifier.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
+    texts = read_request(raw, args.input or "stdin")
+    clf = Classifier.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size,
+                                     max_length=args.max_length, key="--model")
     json.dump(clf(texts), sys.stdout)
     sys.stdout.write("\n")
-    return 0
+    return cli.EXIT_OK
+
+
+def parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog="python -m flaxsst.predict",
+        description='Classify texts: JSON {"input_data": [...]}, a JSON list, or one text per line on stdin '
+                    '-> JSON list on stdout.',
+    )
+    p.add_argument("--model", required=True, help="HF folder or hub id")
+    p.add_argument("--input", help="read this file instead of stdin")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    return p
+
+
+def console_main(argv: Sequence[str] | None = None) -> int:
+    """``flaxsst-predict`` and ``python -m flaxsst.predict``."""
+    return cli.run(main, parser(), argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxsst.config import TrainSection
 
@@ -77,7 +76,8 @@ def make_optimizer(train: TrainSection, total_steps: int, layout: TreeLayout | N
     return optax.chain(
         optax.clip_by_global_norm(train.max_grad_norm),
         optax.adamw(schedule, b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps,
-                    weight_decay=train.weight_decay, mask=decay_mask),
+                    weight_decay=train.weight_decay,
+                    mask=layout.decay_mask() if isinstance(layout, GroupedLayout) else decay_mask),
     )
 
 
@@ -103,6 +103,7 @@ class TreeLayout:
     """The parameters as the model's tree (the default): the optimizer runs per tensor."""
 
     name = "tree"
+    scan = False  # whether the model runs its blocks as a scan over stacked parameters
 
     def pack(self, tree: Any) -> Any:
         """The model's tree -> the train state's parameters."""
@@ -163,7 +164,7 @@ class FlatLayout(TreeLayout):
         leaves = jax.tree_util.tree_leaves(tree)
         if len(leaves) != len(self.shapes):
             raise ValueError(f"a tree of {len(leaves)} leaves does not fit this layout of {len(self.shapes)}")
-        return np.concatenate([np.ravel(np.asarray(leaves[i], np.float32)) for i in self.cast_order + self.norm_order])
+        return jnp.concatenate([jnp.ravel(jnp.asarray(leaves[i], jnp.float32)) for i in self.cast_order + self.norm_order])
 
     def unpack(self, params: Any) -> Any:
         flat = np.asarray(params)
@@ -212,13 +213,107 @@ _split.defvjp(_split_fwd, _split_bwd)
 TREE = TreeLayout()
 
 
-def make_layout(name: str, params: Any, compute_dtype: Any = None) -> TreeLayout:
-    """``"tree"`` or ``"flat"`` (``train.param_layout``) for these parameters."""
+class GroupedLayout(TreeLayout):
+    """Leaves of one shape stacked into one array per group (all [768, 768] kernels, all [768]
+    biases, ...): clipping and AdamW run over ~10 arrays instead of ~100 tensors, and the model, its
+    blocks unrolled, reads each tensor as a slice of its group.
+
+    A group holds leaves alike in shape, in whether the model computes them in ``compute_dtype``
+    (LayerNorm parameters stay float32) and in whether they are weight-decayed. The gradient of the
+    slicing stacks the slices' gradients (``_unstack``'s custom VJP)."""
+
+    name = "grouped"
+
+    def __init__(self, params: Any, compute_dtype: Any = None):
+        paths_leaves, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in paths_leaves]
+        decayed = jax.tree_util.tree_leaves(decay_mask(params))
+        self.compute_dtype = None if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32 else compute_dtype
+        self.shapes = [tuple(np.shape(leaf)) for _, leaf in paths_leaves]
+        groups: dict[tuple, list[int]] = {}
+        for i, name in enumerate(names):
+            norm = "LayerNorm" in name or "layer_norm" in name
+            groups.setdefault((self.shapes[i], norm, bool(decayed[i])), []).append(i)
+        self.groups = [(f"g{k:02d}_{'x'.join(map(str, shape)) or 'scalar'}{'_norm' if norm else ''}{'_decay' if decay else ''}",
+                        indices, norm, decay) for k, ((shape, norm, decay), indices) in enumerate(groups.items())]
+
+    def pack(self, tree: Any) -> dict:
+        leaves = jax.tree_util.tree_leaves(tree)
+        return {name: jnp.stack([jnp.asarray(leaves[i], jnp.float32) for i in indices])
+                for name, indices, _, _ in self.groups}
+
+    def unpack(self, params: dict) -> Any:
+        leaves: list = [None] * len(self.shapes)
+        for name, indices, _, _ in self.groups:
+            group = np.asarray(params[name])
+            for j, i in enumerate(indices):
+                leaves[i] = group[j]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def view(self, params: dict) -> Any:
+        leaves: list = [None] * len(self.shapes)
+        for name, indices, norm, _ in self.groups:
+            group = params[name]
+            if not norm and self.compute_dtype is not None:
+                group = group.astype(self.compute_dtype)
+            for i, piece in zip(indices, _unstack(group)):
+                leaves[i] = piece
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def decay_mask(self) -> dict:
+        return {name: decay for name, _, _, decay in self.groups}
+
+
+@jax.custom_vjp
+def _unstack(group: jax.Array) -> tuple[jax.Array, ...]:
+    """``[n, ...]`` -> its n slices; the VJP stacks the slices' cotangents (one kernel per group)."""
+    return tuple(group[i] for i in range(group.shape[0]))
+
+
+def _unstack_fwd(group):
+    return _unstack(group), None
+
+
+def _unstack_bwd(_, cotangents):
+    return (jnp.stack(cotangents),)
+
+
+_unstack.defvjp(_unstack_fwd, _unstack_bwd)
+
+
+class StackedLayout(TreeLayout):
+    """The first ``n_layers-1`` blocks' parameters stacked on a leading axis, as the scanned model
+    takes them (``model.stack_layers``): the blocks compile once, their gradients arrive stacked from
+    the scan, and clipping and AdamW run over ~6 times fewer tensors."""
+
+    name = "stacked"
+    scan = True
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+
+    def pack(self, tree: Any) -> Any:
+        from flaxsst.model import stack_layers
+
+        return stack_layers(tree, self.n_layers)
+
+    def unpack(self, params: Any) -> Any:
+        from flaxsst.model import unstack_layers
+
+        return unstack_layers(params, self.n_layers)
+
+
+def make_layout(name: str, params: Any, compute_dtype: Any = None, n_layers: int = 0) -> TreeLayout:
+    """``"tree"``, ``"flat"`` or ``"stacked"`` (``train.param_layout``) for these parameters."""
     if name == "tree":
         return TREE
     if name == "flat":
         return FlatLayout(params, compute_dtype)
-    raise ValueError(f"param_layout={name!r}; expected 'tree' or 'flat'")
+    if name == "stacked":
+        return StackedLayout(n_layers)
+    if name == "grouped":
+        return GroupedLayout(params, compute_dtype)
+    raise ValueError(f"param_layout={name!r}; expected 'tree', 'flat', 'grouped' or 'stacked'")
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
@@ -266,143 +361,3 @@ def eval_step(params: Any, batch: dict, *, model: nn.Module, layout: TreeLayout 
     logits = model.apply({"params": layout.view(params)}, batch["input_ids"], batch["attention_mask"], deterministic=True)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     return {"logits": logits, "loss": losses}
-
-
-def p_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: Callable,
-                 devices: Sequence[jax.Device] | None = None, deterministic: bool = False, layout: TreeLayout = TREE):
-    """``train_step`` mapped over ``devices`` (default: all local devices), state donated."""
-    fn = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, deterministic=deterministic,
-                           layout=layout)
-    return jax.pmap(fn, axis_name=AXIS, devices=devices, donate_argnums=(0,))
-
-
-def p_eval_step(model: nn.Module, devices: Sequence[jax.Device] | None = None, layout: TreeLayout = TREE):
-    return jax.pmap(functools.partial(eval_step, model=model, layout=layout), axis_name=AXIS, devices=devices)
-
-
-def shard(batch: dict, n_devices: int) -> dict:
-    """``[rows, ...]`` -> ``[n_devices, rows / n_devices, ...]``; rows must divide evenly."""
-    rows = len(next(iter(batch.values())))
-    if rows % n_devices:
-        raise ValueError(
-            f"a batch of {rows} rows does not divide evenly over {n_devices} devices; choose a global batch size "
-            f"that is a multiple of the device count ({n_devices})"
-        )
-    return {k: v.reshape(n_devices, rows // n_devices, *v.shape[1:]) for k, v in batch.items()}
-
-
-def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
-    """A copy of ``tree`` per device, stacked on a leading axis as ``pmap`` takes it.
-
-    Across several processes the host copies are passed as they are and ``pmap``
-    places them; within one process they are put on the devices once, here.
-    """
-    devices = list(devices or jax.local_devices())
-    stacked = jax.tree_util.tree_map(
-        lambda x: np.broadcast_to(np.asarray(x)[None], (len(devices), *np.shape(x))), tree)
-    return put_stacked(stacked, devices)
-
-
-def put_stacked(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
-    """Host arrays with a leading axis of one slice per device -> on ``devices`` (default: all
-    local ones), slice i on device i, as ``pmap`` takes them. Across several processes the host
-    copies are returned as they are and ``pmap`` places them."""
-    if jax.process_count() > 1:
-        return tree
-    devices = list(devices or jax.local_devices())
-    return jax.device_put(tree, NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS)))
-
-
-def unreplicate(tree: Any) -> Any:
-    """The first local device's copy, fetched to the host as numpy (host copies, as ``replicate``
-    leaves them across processes, are taken as they are)."""
-    def first(x):
-        if isinstance(x, jax.Array):
-            return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
-        return np.asarray(x)[0]
-
-    return jax.tree_util.tree_map(first, tree)
-
-
-class DataParallel:
-    """Maps the pure per-device steps over devices, one of two ways:
-
-    - ``"pmap"``: ``jax.pmap``; state is stacked per device, batches are ``[devices, rows/devices, ...]``.
-    - ``"shard_map"``: ``jax.jit`` of ``jax.shard_map`` over a one-axis mesh of all devices; state is one
-      replicated global array per leaf and batches are ``[rows, ...]`` split over the mesh. The same
-      ``train_step``/``eval_step`` run inside; jit's dispatch is cheaper per call than pmap's.
-
-    Both span every process's devices when ``jax.distributed`` is initialised; each process passes
-    its own rows of a global batch.
-    """
-
-    def __init__(self, kind: str = "pmap", devices: Sequence[jax.Device] | None = None):
-        if kind not in ("pmap", "shard_map"):
-            raise ValueError(f"parallel={kind!r}; expected 'pmap' or 'shard_map'")
-        self.kind = kind
-        if kind == "pmap":
-            self.devices = list(devices) if devices else None
-            self.local_count = len(devices) if devices else jax.local_device_count()
-        else:
-            self.devices = list(devices or jax.devices())
-            self.mesh = Mesh(np.array(self.devices), (AXIS,))
-            self.local_count = sum(d.process_index == jax.process_index() for d in self.devices)
-
-    def train_step(self, model: nn.Module, optimizer, schedule: Callable, deterministic: bool = False,
-                   layout: TreeLayout = TREE):
-        if self.kind == "pmap":
-            return p_train_step(model, optimizer, schedule, self.devices, deterministic, layout)
-        fn = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, deterministic=deterministic,
-                               layout=layout)
-        # check_vma=False: the step does its own psum, as under pmap. With the check on, grad of the
-        # replicated params would come back already summed over devices (the transpose of the implicit
-        # pvary), and the explicit psum would count every gradient n_devices times.
-        mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
-                               out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
-        return jax.jit(mapped, donate_argnums=(0,))
-
-    def eval_step(self, model: nn.Module, layout: TreeLayout = TREE):
-        if self.kind == "pmap":
-            return p_eval_step(model, self.devices, layout)
-        mapped = jax.shard_map(functools.partial(eval_step, model=model, layout=layout), mesh=self.mesh,
-                               in_specs=(PartitionSpec(), PartitionSpec(AXIS)), out_specs=PartitionSpec(AXIS),
-                               check_vma=False)
-        return jax.jit(mapped)
-
-    def put_state(self, tree: Any) -> Any:
-        """Host state -> device state as the steps take it (every process passes the same values)."""
-        if self.kind == "pmap":
-            return replicate(tree, self.devices)
-        # From host copies: device_put of arrays already on the device could alias them, and the
-        # donating train step would then delete the caller's arrays.
-        return jax.device_put(jax.device_get(tree), NamedSharding(self.mesh, PartitionSpec()))
-
-    def put_batch(self, rows: dict) -> dict:
-        """This process's rows of a global batch -> the step's batch argument, already on the devices
-        (the trainer calls this in its prefetch thread, so the copies overlap the running step)."""
-        if self.kind == "pmap":
-            return put_stacked(shard(rows, self.local_count), self.devices)
-        shard(rows, self.local_count)  # the same divisibility check and message
-        sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
-        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in rows.items()}
-
-    def get(self, tree: Any) -> Any:
-        """Device state or metrics -> one host copy (numpy)."""
-        if self.kind == "pmap":
-            return unreplicate(tree)
-        return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-    def rows(self, x: jax.Array) -> np.ndarray:
-        """An eval output -> numpy ``[global rows, ...]`` in global batch order, on every process."""
-        if self.kind == "pmap":
-            local = np.asarray(x).reshape(-1, *x.shape[2:])
-            if jax.process_count() == 1:
-                return local
-            from jax.experimental import multihost_utils
-
-            return np.concatenate(list(multihost_utils.process_allgather(local)))
-        if x.is_fully_addressable:
-            return np.asarray(x)
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -16,6 +16,9 @@ import numpy as np
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from flaxsst.errors import CheckpointError, ConfigError
+from flaxsst.hub import resolve_model_dir
+
 TOKENIZER_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.txt"
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
@@ -23,12 +26,15 @@ SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD
 
 def _wordpiece_from_vocab(vocab_path: Path, lowercase: bool) -> _RustTokenizer:
     vocab: dict[str, int] = {}
-    with open(vocab_path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            vocab[line.rstrip("\n")] = index
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            for index, line in enumerate(f):
+                vocab[line.rstrip("\n")] = index
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{vocab_path}: cannot be read as a WordPiece vocabulary ({e})") from None
     missing = [t for t in SPECIAL_TOKENS.values() if t not in vocab]
     if missing:
-        raise ValueError(f"{vocab_path} lacks the special tokens {missing}")
+        raise CheckpointError(f"{vocab_path} lacks the special tokens {missing}")
     tok = _RustTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
@@ -41,6 +47,13 @@ def _wordpiece_from_vocab(vocab_path: Path, lowercase: bool) -> _RustTokenizer:
     )
     tok.decoder = decoders.WordPiece(prefix="##")
     return tok
+
+
+def _read_tokenizer_json(path: Path) -> _RustTokenizer:
+    try:
+        return _RustTokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+        raise CheckpointError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
 
 
 def pad_right(ids: Sequence[Sequence[int]], rows: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +78,7 @@ class Tokenizer:
 
     def __init__(self, backend: _RustTokenizer, max_length: int = 512, lowercase: bool = True):
         if max_length < 2:
-            raise ValueError(f"max_length={max_length} leaves no room for [CLS] and [SEP]; use at least 2")
+            raise ConfigError(f"max_length={max_length} leaves no room for [CLS] and [SEP]; use at least 2")
         self.backend = backend
         self.max_length = max_length
         self.lowercase = lowercase
@@ -78,33 +91,36 @@ class Tokenizer:
     def _id(self, token: str) -> int:
         index = self.backend.token_to_id(token)
         if index is None:
-            raise ValueError(f"the vocabulary has no {token} token")
+            raise CheckpointError(f"the tokenizer's vocabulary has no {token} token")
         return index
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, max_length: int = 512) -> "Tokenizer":
         """From a ``tokenizer.json`` or a ``vocab.txt``."""
         path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"tokenizer file {path} does not exist")
         if path.name.endswith(".json"):
-            return cls(_RustTokenizer.from_file(str(path)), max_length)
+            return cls(_read_tokenizer_json(path), max_length)
         return cls(_wordpiece_from_vocab(path, lowercase=True), max_length)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, max_length: int = 512, **hub_kwargs) -> "Tokenizer":
         """From a HF model folder or hub id: ``tokenizer.json`` if present, else ``vocab.txt``."""
-        from flaxsst.convert import resolve_model_dir
-
         folder = resolve_model_dir(name_or_path, **hub_kwargs)
         lowercase = True
         config_path = folder / "tokenizer_config.json"
         if config_path.is_file():
-            lowercase = json.loads(config_path.read_text(encoding="utf-8")).get("do_lower_case", True)
+            try:
+                lowercase = json.loads(config_path.read_text(encoding="utf-8")).get("do_lower_case", True)
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                raise CheckpointError(f"{config_path}: not a valid tokenizer config ({e})") from None
         if (folder / TOKENIZER_FILE).is_file():
-            return cls(_RustTokenizer.from_file(str(folder / TOKENIZER_FILE)), max_length, lowercase)
+            return cls(_read_tokenizer_json(folder / TOKENIZER_FILE), max_length, lowercase)
         if (folder / VOCAB_FILE).is_file():
             return cls(_wordpiece_from_vocab(folder / VOCAB_FILE, lowercase), max_length, lowercase)
-        raise FileNotFoundError(
-            f"{folder} has neither {TOKENIZER_FILE} nor {VOCAB_FILE}; found {sorted(p.name for p in folder.iterdir())}"
+        raise CheckpointError(
+            f"{folder} has no tokenizer: neither {TOKENIZER_FILE} nor {VOCAB_FILE}; found {sorted(p.name for p in folder.iterdir())}"
         )
 
     @property
@@ -114,10 +130,6 @@ class Tokenizer:
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """``[CLS] ... [SEP]`` ids per text, each at most ``max_length`` long."""
         return [e.ids for e in self.backend.encode_batch(list(texts))]
-
-    def pad(self, ids: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Right-pad to ``length``: ``(input_ids, attention_mask)`` each ``[len(ids), length]`` int32."""
-        return pad_right(ids, len(ids), length, self.pad_id)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """``tokenizer.json``, ``vocab.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``."""

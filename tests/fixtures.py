@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -70,3 +72,44 @@ def random_ids(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> tu
         mask[row, :length] = 1
         ids[row, length:] = 0
     return ids, mask
+
+
+def hub_model_cache(cache: Path, repo_id: str, source: Path, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """The layout huggingface_hub writes for a model: blobs by hash, snapshot links, refs/main."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in source.iterdir():
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, repo / "blobs" / digest)
+        os.symlink(os.path.join("..", "..", "blobs", digest), snapshot / file.name)
+    return snapshot
+
+
+def hub_dataset_cache(cache: Path, repo_id: str, subset: str, splits: dict[str, dict[str, list]]) -> Path:
+    """The layout ``datasets`` leaves in its cache (HF_DATASETS_CACHE) after loading a hub data set
+    online once: ``org___name/subset/0.0.0/<hash>/<name>-<split>.arrow`` and ``dataset_info.json``.
+    Offline, ``datasets.load_dataset(repo_id, subset)`` reads it from there."""
+    import datasets
+    from datasets.packaged_modules.json.json import Json
+
+    name = repo_id.split("/")[-1]
+    sources = cache / "sources"
+    sources.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, columns in splits.items():
+        files[split] = str(sources / f"{split}.jsonl")
+        datasets.Dataset.from_dict(columns).to_json(files[split])
+    build = cache / "build"
+    Json(cache_dir=str(build), dataset_name=name, config_name=subset, data_files=files).download_and_prepare()
+    (prepared,) = (build / name).glob(f"{subset}-*/0.0.0")
+    target = cache / repo_id.replace("/", "___") / subset / "0.0.0" / "0123456789abcdef"
+    target.mkdir(parents=True)
+    for file in prepared.glob("*"):
+        if file.suffix in (".arrow", ".json"):
+            shutil.move(str(file), target / file.name)
+    shutil.rmtree(build)
+    return target

@@ -5,7 +5,8 @@ import numpy as np
 from flaxsst.config import ModelConfig, TrainSection
 from flaxsst.data import TokenizedSplit, host_rows, make_batch
 from flaxsst.model import DistilBertForSequenceClassification, init_params
-from flaxsst.steps import DataParallel, create_train_state, linear_warmup_decay, make_optimizer
+from flaxsst.parallel import DataParallel
+from flaxsst.steps import create_train_state, linear_warmup_decay, make_optimizer
 
 GLOBAL_BATCH = 8
 

@@ -12,7 +12,7 @@ import pytest
 from flaxsst.config import TrainSection
 from flaxsst.convert import config_from_hf
 from flaxsst.model import init_params
-from flaxsst.steps import replicate, shard, unreplicate
+from flaxsst.parallel import replicate, shard, unreplicate
 from tests.fixtures import random_ids, tiny_hf_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

@@ -1,8 +1,6 @@
 """Conversion HF <-> Flax: every checkpoint layout, the hub cache, round trips and errors."""
 
-import hashlib
 import json
-import os
 import shutil
 import sys
 
@@ -13,10 +11,11 @@ import torch
 import transformers
 
 from flaxsst.config import ModelConfig
-from flaxsst.convert import CheckpointError, load_pretrained, save_pretrained
+from flaxsst.convert import load_pretrained, save_pretrained
+from flaxsst.errors import CheckpointError, HubError
 from flaxsst.model import DistilBertForSequenceClassification, init_params
 from flaxsst.tokenizer import Tokenizer
-from tests.fixtures import random_ids, tiny_hf_config
+from tests.fixtures import hub_model_cache, random_ids, tiny_hf_config
 
 
 def _assert_trees_equal(a, b):
@@ -128,26 +127,11 @@ def test_encoder_only_checkpoints_get_a_fresh_head_and_the_report_says_so(tmp_pa
     assert float(np.std(np.asarray(params["pre_classifier"]["kernel"]))) == pytest.approx(0.02, rel=0.2)
 
 
-def _hub_cache(cache, repo_id, source, commit="0123456789abcdef0123456789abcdef01234567"):
-    """The layout huggingface_hub writes: blobs by hash, snapshot links, refs/main."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for file in source.iterdir():
-        digest = hashlib.sha256(file.read_bytes()).hexdigest()
-        shutil.copy(file, repo / "blobs" / digest)
-        os.symlink(os.path.join("..", "..", "blobs", digest), snapshot / file.name)
-    return snapshot
-
-
 def test_hub_id_resolves_through_the_hub_cache_offline(tmp_path, tiny_model_dir, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    snapshot = _hub_cache(tmp_path / "hub", "someorg/tiny-sst2", tiny_model_dir)
+    snapshot = hub_model_cache(tmp_path / "hub", "someorg/tiny-sst2", tiny_model_dir)
     config, params = load_pretrained("someorg/tiny-sst2", cache_dir=tmp_path / "hub")
     _, direct = load_pretrained(snapshot)
     _assert_trees_equal(params, direct)
@@ -156,12 +140,12 @@ def test_hub_id_resolves_through_the_hub_cache_offline(tmp_path, tiny_model_dir,
 
     clf = Classifier.from_pretrained("someorg/tiny-sst2", cache_dir=tmp_path / "hub")
     assert clf(["a fine film"])[0]["label"] in {"POSITIVE", "NEGATIVE"}
-    with pytest.raises(FileNotFoundError, match="'someorg/not-cached' is neither a local folder nor a hub model"):
+    with pytest.raises(HubError, match="'someorg/not-cached' is neither a local folder nor a hub model"):
         load_pretrained("someorg/not-cached", cache_dir=tmp_path / "hub")
 
 
 def test_missing_folder_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model folder .*/no/such/model does not exist"):
+    with pytest.raises(HubError, match="folder .*/no/such/model does not exist"):
         load_pretrained(str(tmp_path / "no" / "such" / "model"))
 
 

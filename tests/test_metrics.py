@@ -9,8 +9,8 @@ from flaxsst.config import ModelConfig
 from flaxsst.data import TokenizedSplit
 from flaxsst.metrics import classification_metrics, format_table, roc_auc
 from flaxsst.model import DistilBertForSequenceClassification, init_params
-from flaxsst.steps import DataParallel
-from flaxsst.trainer import predict_split
+from flaxsst.evaluation import predict_split
+from flaxsst.parallel import DataParallel
 
 
 def _sklearn(labels, logits):

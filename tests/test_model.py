@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from flaxsst.config import ModelConfig
-from flaxsst.convert import config_from_hf, load_pretrained, state_dict_to_params, tree_paths
+from flaxsst.convert import config_from_hf, load_pretrained, state_dict_to_params
 from flaxsst.model import DistilBertForSequenceClassification, DistilBertModel, init_params
 from tests.fixtures import random_ids
 
@@ -115,11 +115,11 @@ def test_real_pretrained_minilm_equals_transformers(test_data):
     reference = transformers.BertModel.from_pretrained(folder, dtype=torch.float32).eval()
     config, params = load_pretrained(folder)
     assert params["distilbert"]["embeddings"]["word_embeddings"]["embedding"].dtype == jnp.float32
-    from flaxsst.tokenizer import Tokenizer
+    from flaxsst.tokenizer import Tokenizer, pad_right
 
     tok = Tokenizer.from_pretrained(folder, max_length=64)
     texts = ["it 's a charming and often affecting journey . ", "unflinchingly bleak and desperate ", "a"]
-    input_ids, mask = tok.pad(tok.encode(texts), 64)
+    input_ids, mask = pad_right(tok.encode(texts), len(texts), 64, tok.pad_id)
     hidden = DistilBertModel(config).apply({"params": params["distilbert"]}, input_ids, mask, deterministic=True)
     # Real tokens only: the states at padding positions feed nothing (the classifier reads [CLS]), and on
     # some CPUs fp32 rounding alone moves them by 2e-4 at magnitude 4.8, while real tokens agree to 2e-6.
@@ -132,14 +132,14 @@ def test_bf16_with_float32_residual_is_as_close_to_fp32_as_torch_autocast(test_d
     within 1.3x of PyTorch autocast's (bf16 matmuls, fp32 norms and adds); all-bf16 is further off."""
     import dataclasses
 
-    from flaxsst.tokenizer import Tokenizer
+    from flaxsst.tokenizer import Tokenizer, pad_right
 
     folder = test_data / "minilm-l6"
     reference = transformers.BertModel.from_pretrained(folder, dtype=torch.float32, add_pooling_layer=False).eval()
     config, params = load_pretrained(folder)
     rows = (test_data / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:65]
     tok = Tokenizer.from_pretrained(folder, max_length=64)
-    input_ids, mask = tok.pad(tok.encode([r.split("\t")[0] for r in rows]), 64)
+    input_ids, mask = pad_right(tok.encode([r.split("\t")[0] for r in rows]), len(rows), 64, tok.pad_id)
     real = mask.astype(bool)
 
     def ours(**dtypes):
@@ -163,7 +163,8 @@ def test_bf16_with_float32_residual_is_as_close_to_fp32_as_torch_autocast(test_d
 
 def test_parameter_tree_is_named_like_the_hf_state_dict():
     config = ModelConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=100, max_position_embeddings=16)
-    paths = set(tree_paths(init_params(config)))
+    leaves = jax.tree_util.tree_flatten_with_path(init_params(config))[0]
+    paths = {"/".join(key.key for key in path) for path, _ in leaves}
     for expected in [
         "distilbert/embeddings/word_embeddings/embedding",
         "distilbert/embeddings/position_embeddings/embedding",

@@ -9,16 +9,15 @@ import transformers
 from flaxsst.config import TrainSection
 from flaxsst.convert import config_from_hf, state_dict_to_params
 from flaxsst.model import DistilBertForSequenceClassification
+from flaxsst.parallel import DataParallel, shard
 from flaxsst.steps import (
     AXIS,
-    DataParallel,
     FlatLayout,
     create_train_state,
     dropout_key,
     linear_warmup_decay,
     make_layout,
     make_optimizer,
-    shard,
 )
 from tests.fixtures import random_ids, tiny_hf_config
 

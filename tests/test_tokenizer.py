@@ -5,7 +5,8 @@ import csv
 import pytest
 import transformers
 
-from flaxsst.tokenizer import Tokenizer
+from flaxsst.errors import CheckpointError
+from flaxsst.tokenizer import Tokenizer, pad_right
 
 AWKWARD = [
     "",
@@ -63,13 +64,12 @@ def test_truncation_keeps_the_final_sep(vocab_file):
     assert tok.encode([""]) == [[tok.cls_id, tok.sep_id]]
 
 
-def test_pad_right_pads_with_a_mask(vocab_file):
-    tok = Tokenizer.from_file(vocab_file)
-    ids, mask = tok.pad([[2, 7, 3], [2, 3]], 4)
-    assert ids.tolist() == [[2, 7, 3, 0], [2, 3, 0, 0]]
-    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+def test_pad_right_pads_with_a_mask_and_padding_rows():
+    ids, mask = pad_right([[2, 7, 3], [2, 3]], 3, 4, pad_id=0)
+    assert ids.tolist() == [[2, 7, 3, 0], [2, 3, 0, 0], [0, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
     with pytest.raises(ValueError, match="row 0 has 3 tokens, more than the padded length 2"):
-        tok.pad([[2, 7, 3]], 2)
+        pad_right([[2, 7, 3]], 1, 2, pad_id=0)
 
 
 def test_vocab_without_special_tokens_is_named(tmp_path):
@@ -79,5 +79,5 @@ def test_vocab_without_special_tokens_is_named(tmp_path):
 
 
 def test_folder_without_tokenizer_files_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="has neither tokenizer.json nor vocab.txt"):
+    with pytest.raises(CheckpointError, match="has no tokenizer: neither tokenizer.json nor vocab.txt"):
         Tokenizer.from_pretrained(tmp_path)

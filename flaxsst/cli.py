@@ -1,0 +1,63 @@
+"""What every command line shares: one-line errors, and exit codes a script can act on.
+
+    0   done
+    2   a problem the user can fix, printed as one line ``error: ...`` naming the file, key or value
+    75  interrupted (SIGTERM, Ctrl-C): a checkpoint was saved where there was something to save, and
+        rerunning the same command resumes (75 is EX_TEMPFAIL: "try again")
+
+``--debug`` (or ``FLAXSST_DEBUG=1``) shows the traceback behind an error. Any exception that is not
+a ``FlaxsstError`` is a bug and always keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 75
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with ``--debug`` and one-line usage errors."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
+def run(main: Callable[[argparse.Namespace], int], parser: ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, start JAX quietly, run ``main(args)`` and turn errors into exit codes."""
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("FLAXSST_DEBUG", "0") not in ("", "0")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("flaxsst").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on every save
+    from flaxsst.errors import FlaxsstError, Interrupted
+
+    try:
+        return main(args)
+    except Interrupted as error:
+        if debug:
+            raise
+        print(f"{error}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FlaxsstError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:
+        if debug or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the device writing {error.filename or 'a file'}; free the space, "
+              "then rerun the same command", file=sys.stderr)
+        return EXIT_USER_ERROR

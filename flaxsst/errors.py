@@ -1,0 +1,35 @@
+"""The errors a user can fix. Each message is one line naming the file, key or value, and what
+would be right; the command lines print it as ``error: ...`` and exit 2 (``flaxsst.cli``).
+
+Any other exception is a bug of flaxsst's and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FlaxsstError(Exception):
+    """A problem with the user's input, files or machine, described in one line."""
+
+
+class ConfigError(FlaxsstError, ValueError):
+    """A config file, override or argument that does not fit; names the key and the value."""
+
+
+class DataError(FlaxsstError, ValueError):
+    """A data source, file or row that cannot be used; names the file and the row."""
+
+
+class CheckpointError(FlaxsstError, ValueError):
+    """A model folder, checkpoint or weights file that cannot be used; names the file and the keys."""
+
+
+class HubError(FlaxsstError, FileNotFoundError):
+    """A name that is neither a local path nor reachable on the Hugging Face Hub."""
+
+
+class WorkdirError(FlaxsstError):
+    """A workdir that cannot be used now: another run holds it, or its files cannot be written."""
+
+
+class Interrupted(FlaxsstError):
+    """SIGTERM or Ctrl-C; the message says what was saved and how to resume."""

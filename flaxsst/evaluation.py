@@ -1,0 +1,89 @@
+"""Evaluation over all devices: every example of a split counted exactly once, and the metrics of
+the model card. The trainer evaluates with it, and so does ``evaluate.py`` (``evaluate_model``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from flaxsst.config import ModelConfig, TrainConfig, parse_dtype
+from flaxsst.data import TokenizedSplit, eval_index_batches, host_rows, load_tokenized, make_batch
+from flaxsst.metrics import classification_metrics, format_table
+
+
+def eval_rows(batch_size: int, n_devices: int | None = None) -> int:
+    """Rows of a global eval batch: ``batch_size`` rounded down to a multiple of the device count
+    (default: every device of the run)."""
+    n_devices = n_devices or jax.device_count()
+    return max(n_devices, batch_size // n_devices * n_devices)
+
+
+def predict_split(parallel, p_eval: Callable, params: Any, split: TokenizedSplit, batch_size: int,
+                  buckets, max_seq_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[n, num_labels]`` and per-example losses ``[n]`` of every example of ``split``, in order."""
+    rows = eval_rows(batch_size)
+    all_logits, all_losses = [], []
+    for indices in eval_index_batches(len(split), rows):
+        batch = host_rows(make_batch(split, indices, rows, buckets, max_seq_length, pad_id),
+                          jax.process_index(), jax.process_count())
+        out = p_eval(params, parallel.put_batch(batch))
+        all_logits.append(parallel.rows(out["logits"])[: len(indices)])
+        all_losses.append(parallel.rows(out["loss"])[: len(indices)])
+    return np.concatenate(all_logits), np.concatenate(all_losses)
+
+
+def evaluate(parallel, p_eval: Callable, params: Any, split: TokenizedSplit, model_config: ModelConfig,
+             config: TrainConfig, pad_id: int) -> dict:
+    """The metrics of ``classification_metrics`` for ``split``."""
+    logits, _ = predict_split(parallel, p_eval, params, split, config.train.eval_batch_size, config.data.length_buckets,
+                              config.data.max_seq_length, pad_id)
+    return classification_metrics(split.labels, logits, model_config.num_labels)
+
+
+def write_results(path: Path, metrics: dict, **about: Any) -> None:
+    """``eval_results.json``: the metrics and what they describe (split, model or checkpoint step)."""
+    from flaxsst.checkpoints import write_atomically
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps({**metrics, **about}, indent=2) + "\n")
+
+
+def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | None = None) -> dict:
+    """Evaluate a HF folder / hub id / export on ``config.data.eval_split`` over all devices;
+    print the table and write ``eval_results.json`` to ``output``."""
+    from flaxsst.convert import load_pretrained
+    from flaxsst.model import DistilBertForSequenceClassification
+    from flaxsst.parallel import DataParallel, maybe_initialize_distributed
+    from flaxsst.tokenizer import Tokenizer
+
+    maybe_initialize_distributed(config)
+    model_config, params = load_pretrained(model, dtype=parse_dtype(config.model.dtype), setting="--model")
+    check_sequence_length(config, model_config, model)
+    tokenizer = Tokenizer.from_pretrained(model, config.data.max_seq_length, key="--model")
+    cache_dir = Path(config.data.cache_dir or Path(output or ".") / "cache")
+    split = load_tokenized(config.data, config.data.eval_split, tokenizer, model_config.label2id, cache_dir, config.train.seed)
+    parallel = DataParallel(config.train.parallel)
+    p_eval = parallel.eval_step(DistilBertForSequenceClassification(model_config))
+    metrics = evaluate(parallel, p_eval, parallel.put_state(params), split, model_config, config, tokenizer.pad_id)
+    if jax.process_index() == 0:
+        print(f"{split.source}: {len(split)} examples, model {model}")
+        print(format_table(metrics, model_config.id2label))
+        if output is not None:
+            write_results(Path(output) / "eval_results.json", metrics, split=split.source, model=str(model))
+    return metrics
+
+
+def check_sequence_length(config: TrainConfig, model_config: ModelConfig, source: str) -> None:
+    """``data.max_seq_length`` must fit the model's position table (checked before anything compiles)."""
+    from flaxsst.errors import ConfigError
+
+    if config.data.max_seq_length > model_config.max_position_embeddings:
+        raise ConfigError(f"data.max_seq_length={config.data.max_seq_length} is longer than the model's "
+                          f"max_position_embeddings={model_config.max_position_embeddings} ({source}); "
+                          f"use data.max_seq_length={model_config.max_position_embeddings} or less")
