@@ -1,4 +1,4 @@
-"""Candidate ``Classifier`` call paths, timed against the product's by ``bench/throughput.py --classifier``;
+"""Candidate ``Classifier`` call paths, timed against the product's by ``bench.throughput --classifier``;
 one moves into ``flaxsst.predict`` only when the GPU numbers support it (bench/RESULTS.md).
 
 - ``packed``: one host-to-device copy per batch instead of two: the ids and each row's
@@ -13,26 +13,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxsst.model import DistilBertForSequenceClassification
 from flaxsst.predict import Classifier
 
 
 class PackedClassifier(Classifier):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        model = DistilBertForSequenceClassification(self.config)
+        model = self.model
 
         def forward(params, packed):
             length = packed.shape[1] - 1
             mask = (jnp.arange(length)[None, :] < packed[:, length:]).astype(jnp.int32)
             return model.apply({"params": params}, packed[:, :length], mask, deterministic=True)
 
-        self._packed_forward = jax.jit(forward)
+        self.packed_forward = jax.jit(forward)
 
-    def _run_batch(self, ids, rows, length):
+    def forward_batch(self, ids, rows, length):
         packed = np.full((rows, length + 1), self.tokenizer.pad_id, np.int32)
         packed[:, length] = 0
         for row, seq in enumerate(ids):
             packed[row, : len(seq)] = seq
             packed[row, length] = len(seq)
-        return self._packed_forward(self.params, packed)
+        return self.packed_forward(self.params, packed)

@@ -1,6 +1,6 @@
 """The [CLS]-only last block against the last block over every position, in one process, interleaved.
 
-    python bench/cpu_lastblock_ab.py --data ../shared/data/sst2 --tokenizer-dir ../shared/data/distilbert-base-uncased-finetuned-sst-2-english
+    python -m bench.cpu_lastblock_ab --data ../shared/data/sst2 --tokenizer-dir ../shared/data/distilbert-base-uncased-finetuned-sst-2-english
 
 ``Classifier`` on the 872 SST-2 dev sentences with DistilBERT-base shapes (random weights), once with
 ``DistilBertForSequenceClassification(cls_only=True)`` (the product) and once with ``cls_only=False``
@@ -15,11 +15,7 @@ import time
 
 import jax
 import numpy as np
-from cpu_predict import (  # bench/ is on sys.path when this runs as a script
-    dev_parser,
-    read_dev,
-)
-
+from bench.cpu_predict import dev_parser, read_dev
 from flaxsst.config import ModelConfig
 from flaxsst.model import DistilBertForSequenceClassification, init_params
 from flaxsst.predict import Classifier
@@ -37,9 +33,8 @@ def main() -> None:
     texts = read_dev(args.data)
     classifiers = {}
     for name, cls_only in (("cls_only", True), ("allrows", False)):
-        clf = Classifier(config, params, tokenizer, batch_size=args.batch_size)
-        model = DistilBertForSequenceClassification(config, cls_only=cls_only)
-        clf._forward = jax.jit(lambda p, ids, mask, model=model: model.apply({"params": p}, ids, mask, deterministic=True))
+        clf = Classifier(config, params, tokenizer, batch_size=args.batch_size,
+                         model=DistilBertForSequenceClassification(config, cls_only=cls_only))
         clf.logits(texts)  # compiles every bucket
         classifiers[name] = clf
     times: dict = {name: [] for name in classifiers}

@@ -1,6 +1,6 @@
 """Classifier vs transformers' PyTorch model on the CPU: the 872 SST-2 dev sentences, same weights, same process.
 
-    python bench/cpu_predict.py --data ../shared/data/sst2 --tokenizer-dir ../shared/data/distilbert-base-uncased-finetuned-sst-2-english
+    python -m bench.cpu_predict --data ../shared/data/sst2 --tokenizer-dir ../shared/data/distilbert-base-uncased-finetuned-sst-2-english
 
 DistilBERT-base shapes with random weights (the same compute as the hub weights).
 transformers runs as its pipeline does: batches in input order, each padded to its

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One phase of the H100 measurements (the device tool runs this from the repo root; $OUT comes back).
-#   bash bench/device_run.sh recipe      # MiniLM recipe (accuracy), DistilBERT-base recipe (time), PyTorch recipe anchor
-#   bash bench/device_run.sh throughput  # PyTorch throughput anchors, flaxsst train steps (pmap and shard_map)
+#   bash bench/device_run.sh recipe      # MiniLM recipe (accuracy), DistilBERT-base recipe (time) with the trainer's
+#                                        # step (the parameters in groups), PyTorch recipe anchor
+#   bash bench/device_run.sh throughput  # PyTorch throughput anchors, flaxsst train steps
 #   bash bench/device_run.sh inference   # batch sweep, inference throughput, Classifier latency
-#   bash bench/device_run.sh accuracy    # MiniLM recipe over seeds (SEEDS, default 42 1 2 3), seed 42 with the flat
-#                                        # layout (traced), then seed 42 in float32
-#   bash bench/device_run.sh variants    # candidate steps of bench/step_variants.py and the packed Classifier, profiled
-#   bash bench/device_run.sh layouts     # the DistilBERT-base recipe timed with param_layout tree/flat, pmap/shard_map
-#   bash bench/device_run.sh lastblock   # [CLS]-only last block (base) against the last block over every position
+#   bash bench/device_run.sh accuracy    # MiniLM recipe over seeds (SEEDS, default 42 1 2 3), then seed 42 in float32
+#   bash bench/device_run.sh variants    # the trainer's step against the candidates of bench/step_variants.py (one
+#                                        # array per tensor, flat, stacked and scanned, k steps per dispatch) and the
+#                                        # packed Classifier, profiled: per-step kernels and device busy time; anchors
+#   bash bench/device_run.sh lastblock   # [CLS]-only last block (grouped) against the last block over every position
 #                                        # (allrows): train batch 256 and 32, inference batch 1024; PyTorch anchors
-# Needs .devdata/ (sst2, minilm-l6, distilbert-tok, the anchor scripts) and .whl/ (datasets, omegaconf, tensorboardX)
+# Needs .devdata/ (sst2, minilm-l6, distilbert-tok, the anchor scripts) and .whl/ (datasets, omegaconf, tensorboardX, pycountry)
 # carried along; see bench/RESULTS.md.
 set -uo pipefail
 phase=$1
@@ -29,66 +30,50 @@ run() {  # run NAME TIMEOUT CMD...: JSON lines to results.jsonl, everything to N
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 case $phase in
-recipe)  # extra trainer overrides in RECIPE_OVERRIDES, e.g. train.parallel=shard_map
-  run minilm_recipe 330 python3 bench/recipe.py --config conf/sst2_minilm.yaml --workdir /tmp/minilm \
-      model.init=.devdata/minilm-l6 data.path=.devdata/sst2 train.checkpoint_every_steps=100000 ${RECIPE_OVERRIDES:-}
+recipe)  # extra trainer overrides in RECIPE_OVERRIDES
+  run minilm_recipe 330 python3 -m bench.recipe --config conf/sst2_minilm.yaml --workdir /tmp/minilm \
+      model.pretrained=.devdata/minilm-l6 data.path=.devdata/sst2 train.checkpoint_every_steps=100000 ${RECIPE_OVERRIDES:-}
   cp /tmp/minilm/eval_results.json "$out/minilm_eval_results.json" 2>/dev/null
   cp /tmp/minilm/curves.png "$out/minilm_curves.png" 2>/dev/null
-  run distilbert_recipe 330 python3 bench/recipe.py --config conf/sst2.yaml --workdir /tmp/distil --tokenizer .devdata/distilbert-tok \
-      model.init= model.dtype=bfloat16 data.path=.devdata/sst2 'data.length_buckets=[16,32,64,128]' \
+  run distilbert_recipe 330 python3 -m bench.recipe --config conf/sst2.yaml --workdir /tmp/distil --tokenizer .devdata/distilbert-tok \
+      model.pretrained= model.dtype=bfloat16 data.path=.devdata/sst2 'data.length_buckets=[16,32,64,128]' \
       train.checkpoint_every_steps=100000 ${RECIPE_OVERRIDES:-}
   [ -n "${SKIP_ANCHOR:-}" ] || run torch_recipe_anchor 200 python3 .devdata/anchor_torch_finetune.py --data .devdata/sst2 \
       --tokenizer .devdata/minilm-l6/tokenizer.json --bf16 --epochs 1
   ;;
-throughput)  # PyTorch anchors, then flaxsst train steps with both mappings
+throughput)  # PyTorch anchors, then flaxsst train steps
   run torch_anchor 240 python3 .devdata/anchor_torch.py --compile
-  run flax_train 180 python3 bench/throughput.py --mode train --batch 32 256 --seq 128 --parallel pmap shard_map
-  run flax_short 150 python3 bench/throughput.py --mode train --batch 32 --seq 16 64 --parallel pmap shard_map
+  run flax_train 180 python3 -m bench.throughput --mode train --batch 32 256 --seq 128
+  run flax_short 150 python3 -m bench.throughput --mode train --batch 32 --seq 16 64
   ;;
 inference)  # the batch sweep, inference, Classifier latency (second process: persistent compile cache)
-  run flax_sweep 150 python3 bench/throughput.py --mode train --batch 64 128 512 --seq 128 --parallel ${PARALLEL:-shard_map}
-  run flax_infer 150 python3 bench/throughput.py --mode infer --batch 64 256 1024 2048 --seq 128 --parallel ${PARALLEL:-shard_map}
-  run flax_classifier 80 python3 bench/throughput.py --mode infer --batch 1 --seq 128 --classifier .devdata/distilbert-tok
-  run flax_classifier_cached 80 python3 bench/throughput.py --mode infer --batch 1 --seq 128 --classifier .devdata/distilbert-tok
-  run flax_rbg 120 python3 bench/throughput.py --mode train --batch 32 256 --seq 128 --prng unsafe_rbg
-  run flax_graphs 90 env XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" \
-    python3 bench/throughput.py --mode train --batch 32 --seq 32 --prng unsafe_rbg
+  run flax_sweep 150 python3 -m bench.throughput --mode train --batch 64 128 512 --seq 128
+  run flax_infer 150 python3 -m bench.throughput --mode infer --batch 64 256 1024 2048 --seq 128
+  run flax_classifier 80 python3 -m bench.throughput --mode infer --batch 1 --seq 128 --classifier .devdata/distilbert-tok
+  run flax_classifier_cached 80 python3 -m bench.throughput --mode infer --batch 1 --seq 128 --classifier .devdata/distilbert-tok
   ;;
 accuracy)  # the recipe's spread over seeds; the persistent compile cache makes runs after the first compile fast
   for seed in ${SEEDS:-42 1 2 3}; do
-    run minilm_seed$seed 200 python3 bench/recipe.py --config conf/sst2_minilm.yaml --workdir /tmp/minilm$seed \
-        model.init=.devdata/minilm-l6 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache train.seed=$seed \
+    run minilm_seed$seed 200 python3 -m bench.recipe --config conf/sst2_minilm.yaml --workdir /tmp/minilm$seed \
+        model.pretrained=.devdata/minilm-l6 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache train.seed=$seed \
         train.checkpoint_every_steps=100000 ${RECIPE_OVERRIDES:-}
   done
-  # the flat layout's accuracy, traced over steps 2000-2100 of the real loop: device busy vs span per step
-  [ -n "${SKIP_FLAT:-}" ] || run minilm_flat 200 python3 bench/recipe.py --config conf/sst2_minilm.yaml --workdir /tmp/minilm_flat \
-      --profile /tmp/prof_loop model.init=.devdata/minilm-l6 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache \
-      train.checkpoint_every_steps=100000 train.param_layout=flat ${RECIPE_OVERRIDES:-}
-  [ -n "${SKIP_FP32:-}" ] || run minilm_fp32 240 python3 bench/recipe.py --config conf/sst2_minilm.yaml --workdir /tmp/minilm_fp32 \
-      model.init=.devdata/minilm-l6 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache model.dtype=float32 \
+  [ -n "${SKIP_FP32:-}" ] || run minilm_fp32 240 python3 -m bench.recipe --config conf/sst2_minilm.yaml --workdir /tmp/minilm_fp32 \
+      model.pretrained=.devdata/minilm-l6 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache model.dtype=float32 \
       train.checkpoint_every_steps=100000
-  ;;
-layouts)  # the DistilBERT-base recipe itself per layout and mapping, same session (RUNS, default below)
-  for run_spec in ${RUNS:-tree:pmap flat:pmap flat:shard_map}; do
-    layout=${run_spec%%:*} parallel=${run_spec##*:}
-    run distilbert_recipe_${layout}_$parallel 200 python3 bench/recipe.py --config conf/sst2.yaml --workdir /tmp/distil_${layout}_$parallel \
-        --tokenizer .devdata/distilbert-tok model.init= model.dtype=bfloat16 data.path=.devdata/sst2 data.cache_dir=/tmp/tokcache \
-        'data.length_buckets=[16,32,64,128]' train.checkpoint_every_steps=100000 train.param_layout=$layout \
-        train.parallel=$parallel ${RECIPE_OVERRIDES:-}
-  done
-  ;;
-lastblock)  # the [CLS]-only last block's before/after (~6 min): same process per pair, PyTorch anchors in the same call
-  run torch_anchor 240 python3 .devdata/anchor_torch.py --compile
-  run flax_lastblock_train 150 python3 bench/throughput.py --mode train --batch 256 32 --seq 128 --variant base allrows
-  run flax_lastblock_infer 120 python3 bench/throughput.py --mode infer --batch 1024 --seq 128 --variant base allrows
   ;;
 variants)  # candidates against the trainer's step in the same process; per-step kernel counts from a trace
   run torch_anchor 150 python3 .devdata/anchor_torch.py
-  run flax_variants_short 300 python3 bench/throughput.py --mode train --batch 32 --seq 16 64 --steps 40 \
-      --variant base flat scan4 flat_scan4 --profile /tmp/prof
-  run flax_variants_b256 150 python3 bench/throughput.py --mode train --batch 256 --seq 128 --variant base flat --profile /tmp/prof
-  run flax_fp32_short 120 python3 bench/throughput.py --mode train --dtype fp32 --batch 32 --seq 16 --variant base flat
-  run flax_classifier 90 python3 bench/throughput.py --mode infer --batch 1 --seq 16 --classifier .devdata/distilbert-tok
+  run flax_variants_short 300 python3 -m bench.throughput --mode train --batch 32 --seq 16 64 --steps 40 \
+      --variant grouped tree flat stacked scan4 --profile /tmp/prof
+  run flax_variants_b256 150 python3 -m bench.throughput --mode train --batch 256 --seq 128 --variant grouped tree --profile /tmp/prof
+  run flax_fp32_short 120 python3 -m bench.throughput --mode train --dtype fp32 --batch 32 --seq 16 --variant grouped tree
+  run flax_classifier 90 python3 -m bench.throughput --mode infer --batch 1 --seq 16 --classifier .devdata/distilbert-tok
+  ;;
+lastblock)  # the [CLS]-only last block's before/after (~6 min): same process per pair, PyTorch anchors in the same call
+  run torch_anchor 240 python3 .devdata/anchor_torch.py --compile
+  run flax_lastblock_train 150 python3 -m bench.throughput --mode train --batch 256 32 --seq 128 --variant grouped allrows
+  run flax_lastblock_infer 120 python3 -m bench.throughput --mode infer --batch 1024 --seq 128 --variant grouped allrows
   ;;
 esac
 log done

@@ -1,6 +1,6 @@
 """Bar chart of flaxsst against the PyTorch anchor for each workload of a results JSONL file.
 
-    python bench/plot_results.py bench/results/h100-2026-11-22.jsonl bench/results/h100-2026-11-22.png
+    python -m bench.plot_results bench/results/h100-2026-11-22.jsonl bench/results/h100-2026-11-22.png
 """
 
 import json
@@ -21,9 +21,10 @@ def main(src: str, out: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in open(src, encoding="utf-8") if line.startswith("{")]
-    for row in rows:
+    for row in rows:  # a row without these keys ran pmap and JAX's default PRNG
         if row.get("what", "").startswith("flaxsst_"):
-            row.setdefault("prng", "threefry2x32")  # rows written before the bench recorded it
+            row.setdefault("prng", "threefry2x32")
+            row.setdefault("parallel", "pmap")
     torch_epoch = pick(rows, what="torch_finetune")
     workloads = [
         ("train b32 s128\n(ex/s)", pick(rows, what="torch_train", mode="bf16", batch=32, compile=True)["examples_per_s"],

@@ -1,10 +1,10 @@
 """The full SST-2 recipe through the trainer, timed: compile, training (compile, eval and
 checkpoint saves excluded), examples/s, and dev metrics. Prints one JSON line.
 
-    python bench/recipe.py --config conf/sst2.yaml --workdir /tmp/r model.init="" data.path=glue_data/SST-2
-    python bench/recipe.py --config conf/sst2_minilm.yaml --workdir /tmp/m model.init=/path/to/minilm data.path=...
+    python -m bench.recipe --config conf/sst2.yaml --workdir /tmp/r model.pretrained="" data.path=glue_data/SST-2
+    python -m bench.recipe --config conf/sst2_minilm.yaml --workdir /tmp/m model.pretrained=/path/to/minilm data.path=...
 
-``model.init=""`` trains a random-init DistilBERT-base (the hub weights' shapes and
+``model.pretrained=""`` trains a random-init DistilBERT-base (the hub weights' shapes and
 compute) for timing. The batches are the recipe's; config overrides change only
 what the command line says (e.g. model.dtype, data.length_buckets).
 """
@@ -12,24 +12,19 @@ what the command line says (e.g. model.dtype, data.length_buckets).
 import argparse
 import json
 import logging
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jax
 
-import jax  # noqa: E402
-
-from flaxsst.config import load_train_config  # noqa: E402
-from flaxsst.trainer import Trainer  # noqa: E402
+from flaxsst.config import load_train_config
+from flaxsst.trainer import Trainer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--tokenizer", help="tokenizer folder when model.init is empty (random init)")
+    parser.add_argument("--tokenizer", help="tokenizer folder when model.pretrained is empty (random init)")
     parser.add_argument("--profile", metavar="DIR",
                         help="trace the training loop itself over --profile-steps and add a per-step summary "
                              "(device busy vs span: does the loop leave the device idle?)")
@@ -72,12 +67,12 @@ class LoopTrace:
             jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
             self.active = True
         elif step == self.last and self.active:
-            jax.block_until_ready(trainer.pstate)
+            jax.block_until_ready(trainer.state)
             jax.profiler.stop_trace()
             self.active, self.done = False, True
 
     def summary(self) -> dict:
-        from throughput import summarize_latest_trace
+        from bench.throughput import summarize_latest_trace
 
         if self.active:
             jax.profiler.stop_trace()

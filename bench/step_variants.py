@@ -1,21 +1,18 @@
-"""Candidate train steps, timed against the trainer's own step by ``bench/throughput.py
---variant``; a candidate becomes the default only when the numbers on the GPU support it
+"""Candidate train steps, measured against the trainer's own by ``bench.throughput --variant`` and
+``bench.kernels``; a candidate becomes the product path only when the numbers support it
 (bench/RESULTS.md).
 
-- ``base``: ``flaxsst.steps.train_step`` with the parameters as the model's tree, what the
-  trainer runs by default (``train.param_layout=tree``).
-- ``flat``: the same step with ``flaxsst.steps.FlatLayout`` (``train.param_layout=flat``):
-  parameters and AdamW moments as one float32 vector each, so clipping and AdamW are a few
-  kernels over the whole model instead of a few per tensor (~100 tensors).
-- ``allrows``: the base step with the classifier's last block over every position, as
-  transformers computes it and as flaxsst did before 2026-11-23
-  (``DistilBertForSequenceClassification(config, cls_only=False)``); the before/after of the
-  [CLS]-only last block. ``bench/throughput.py`` takes it for inference too.
-- ``scan<k>`` / ``flat_scan<k>``: ``k`` consecutive steps in one dispatch, ``lax.scan`` over a
-  ``[k, rows, ...]`` stack of batches (for when a trace shows the GPU idle between dispatches).
+- ``grouped``: the trainer's step, the parameters in groups (``flaxsst.param_groups``).
+- ``tree``, ``flat``, ``stacked``: the same step over ``bench.layouts``' layouts (one array per
+  tensor; one vector; the blocks stacked and scanned).
+- ``allrows``: the trainer's step with the classifier's last block over every position, as
+  transformers computes it (``DistilBertForSequenceClassification(cls_only=False)``).
+  ``bench.throughput`` takes it for inference too.
+- ``scan<k>`` / ``<layout>_scan<k>``: ``k`` consecutive steps in one dispatch, ``lax.scan`` over a
+  ``[k, rows, ...]`` stack of batches.
 
-Each is a per-device function with the named batch axis, mapped by ``jax.pmap`` as the
-trainer's step is.
+Each is a per-device function with the named batch axis, mapped by ``jax.pmap`` as the trainer's
+step is.
 """
 
 from __future__ import annotations
@@ -26,36 +23,47 @@ from typing import Any
 
 import jax
 
-from flaxsst.config import TrainSection
-from flaxsst.model import DistilBertForSequenceClassification
-from flaxsst.steps import (
-    AXIS,
-    TreeLayout,
-    create_train_state,
-    linear_warmup_decay,
-    make_layout,
-    make_optimizer,
-    train_step,
-)
+from bench import layouts
+from flaxsst.config import ModelConfig, TrainSection
+from flaxsst.model import DistilBertForSequenceClassification, Precision
+from flaxsst.optimizer import linear_warmup_decay, make_optimizer
+from flaxsst.param_groups import ParamGroups
+from flaxsst.steps import AXIS, create_train_state, train_step
+
+LAYOUTS = ("grouped", "tree", "flat", "stacked")
 
 
 def parse(variant: str) -> tuple[str, int]:
-    """``"flat_scan4"`` -> ``("flat", 4)``; ``"scan4"`` -> ``("tree", 4)``; ``"base"`` and ``"allrows"``
-    -> ``("tree", 1)`` (``allrows`` changes the model, not the step: ``model_for``)."""
+    """``"flat_scan4"`` -> ``("flat", 4)``; ``"scan4"`` -> ``("grouped", 4)``; ``"allrows"`` ->
+    ``("grouped", 1)`` (``allrows`` changes the model, not the step: ``model_for``)."""
     if variant == "allrows":
-        return "tree", 1
+        return "grouped", 1
     base, _, k = variant.partition("_scan")
     if variant.startswith("scan"):
-        base, k = "base", variant[len("scan"):]
-    if base not in ("base", "flat") or not (k == "" or k.isdigit()):
-        raise ValueError(f"variant {variant!r}: expected base, allrows, flat, scan<k> or flat_scan<k>")
-    return ("tree" if base == "base" else "flat"), int(k) if k else 1
+        base, k = "grouped", variant[len("scan"):]
+    if base not in LAYOUTS or not (k == "" or k.isdigit()):
+        raise ValueError(f"variant {variant!r}: expected allrows, scan<k>, or one of {LAYOUTS}, optionally with _scan<k>")
+    return base, int(k) if k else 1
 
 
-def model_for(variant: str, config) -> DistilBertForSequenceClassification:
-    """The classifier a variant runs: [CLS]-only last block, except for ``allrows``."""
-    parse(variant)
-    return DistilBertForSequenceClassification(config, cls_only=variant != "allrows")
+def layout_for(variant: str, params: Any, config: ModelConfig, precision: Precision):
+    name, _ = parse(variant)
+    if name == "grouped":
+        return ParamGroups(params, precision.dtype)
+    if name == "flat":
+        return layouts.FlatLayout(params, precision.dtype)
+    if name == "stacked":
+        return layouts.StackedLayout(config.n_layers)
+    return layouts.TreeLayout()
+
+
+def model_for(variant: str, config: ModelConfig, precision: Precision = Precision()):
+    """The classifier a variant runs: the product's ([CLS]-only last block) but for ``allrows``, and
+    the scanned one for ``stacked``."""
+    name, _ = parse(variant)
+    if name == "stacked":
+        return layouts.ScannedClassifier(config, precision)
+    return DistilBertForSequenceClassification(config, precision, cls_only=variant != "allrows")
 
 
 def scan_steps(step: Callable) -> Callable:
@@ -66,17 +74,25 @@ def scan_steps(step: Callable) -> Callable:
     return steps
 
 
-def pmapped(per_device: Callable) -> Callable:
-    return jax.pmap(per_device, axis_name=AXIS, donate_argnums=(0,))
+def pmapped(per_device: Callable, devices=None) -> Callable:
+    return jax.pmap(per_device, axis_name=AXIS, devices=devices, donate_argnums=(0,))
 
 
-def build(variant: str, model, params: Any, train: TrainSection, total_steps: int, compute_dtype: Any,
-          seed: int = 0) -> tuple[Callable, Any, int, TreeLayout]:
-    """-> (per-device step taking ``[k, rows, ...]`` batches when k > 1, initial host state, k, layout)."""
-    layout_name, k = parse(variant)
-    layout = make_layout(layout_name, params, compute_dtype)
-    optimizer = make_optimizer(train, total_steps, layout)
+def build(variant: str, config: ModelConfig, precision: Precision, params: Any, train: TrainSection,
+          total_steps: int, seed: int = 0) -> tuple[Callable, Any, int, Any]:
+    """-> (per-device step taking ``[k, rows, ...]`` batches when k > 1, the initial state (shapes
+    where ``params`` are shapes), k, the layout)."""
+    name, k = parse(variant)
+    layout = layout_for(variant, params, config, precision)
+    if name == "flat":
+        optimizer = layouts.flat_optimizer(train, total_steps, layout)
+    else:
+        optimizer = make_optimizer(train, total_steps, layout.decay_mask())
     schedule = linear_warmup_decay(train.learning_rate, train.warmup_steps, total_steps)
-    step = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, layout=layout)
-    state = create_train_state(layout.pack(params), optimizer, seed)
+    step = functools.partial(train_step, model=model_for(variant, config, precision), groups=layout,
+                             optimizer=optimizer, schedule=schedule)
+    if isinstance(jax.tree_util.tree_leaves(params)[0], jax.ShapeDtypeStruct):
+        state = jax.eval_shape(lambda p: create_train_state(layout.pack(p), optimizer, seed), params)
+    else:
+        state = create_train_state(layout.pack(params), optimizer, seed)
     return (scan_steps(step) if k > 1 else step), state, k, layout

@@ -1,12 +1,12 @@
 """Train and eval steps of the real model on synthetic batches; one JSON line per case.
 
-    python bench/throughput.py --batch 256 --seq 128 --dtype bf16            # one train + one infer case
-    python bench/throughput.py --sweep --png bench/throughput.png            # batch sizes x lengths, and a plot
-    python bench/throughput.py --classifier TOKENIZER_DIR                    # Classifier latency on one sentence
+    python -m bench.throughput --batch 256 --seq 128 --dtype bf16            # one train + one infer case
+    python -m bench.throughput --sweep --png bench/throughput.png            # batch sizes x lengths, and a plot
+    python -m bench.throughput --classifier TOKENIZER_DIR                    # Classifier latency on one sentence
 
 DistilBERT-base shapes (768/6/12/3072) with random weights: the same compute as
 the hub weights. Train steps are the trainer's own (pmap, AdamW, clip, schedule,
-donated state); inference is the model's forward + softmax. Each case reports
+donated state) or a candidate of ``bench.step_variants``; inference is the model's forward. Each case reports
 step ms (median of timed windows after warm-up), examples/s, tokens/s, MFU
 against a stated peak, the first call's seconds (compile) and peak device memory.
 """
@@ -16,24 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import step_variants
+from flaxsst.config import ModelConfig, load_train_config
+from flaxsst.model import Precision, init_params
+from flaxsst.parallel import pmap_eval_step, put_batch, replicate
 
-from flaxsst.config import ModelConfig, dtype_name, load_train_config, parse_dtype  # noqa: E402
-from flaxsst.model import init_params  # noqa: E402
-from flaxsst.parallel import DataParallel, replicate, shard  # noqa: E402
-from flaxsst.steps import create_train_state, linear_warmup_decay, make_layout, make_optimizer  # noqa: E402
-
-import step_variants  # noqa: E402  (bench/ is on sys.path when this runs as a script)
-
-INFER_VARIANTS = ("base", "allrows")  # the inference cases take these of --variant
+INFER_VARIANTS = ("grouped", "allrows", "stacked")  # the inference cases take these of --variant
 RECIPE = Path(__file__).resolve().parents[1] / "conf" / "sst2.yaml"  # the train steps' optimizer and schedule
 
 # Dense peak of an H100 SXM (datasheet, no sparsity). The bench also prints the measured
@@ -79,44 +74,29 @@ def _time(call, steps: int, windows: int = 5) -> list[float]:
 
 
 def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, steps: int, config: ModelConfig,
-               kind: str = "pmap", variant: str = "base", profile: str | None = None) -> dict:
-    config = config.replace(dtype=parse_dtype(dtype))
-    parallel = DataParallel(kind, jax.local_devices()[:n_devices])
+               variant: str = "grouped", profile: str | None = None) -> dict:
+    precision = Precision(dtype)
+    devices = jax.local_devices()[:n_devices]
     if batch % n_devices:
         raise SystemExit(f"--batch {batch} does not divide over {n_devices} devices")
-    model = step_variants.model_for(variant, config)
     params = init_params(config, 0)
-    device_batch = parallel.put_batch(_batch(batch, seq, config.vocab_size))
-    per_dispatch = 1
+    device_batch = put_batch(_batch(batch, seq, config.vocab_size), devices)
     train = load_train_config(RECIPE).train
     total_steps = 6315  # the recipe's step count on SST-2's 67,349 training sentences (tests/test_data.py)
-    layout_name, scan = step_variants.parse(variant)
-    if mode == "train" and scan > 1:
-        if kind != "pmap":
-            raise SystemExit(f"--variant {variant} is measured under pmap only")
-        per_device, host_state, per_dispatch, _ = step_variants.build(variant, model, params, train, total_steps, config.dtype)
-        step = step_variants.pmapped(per_device)
-        state = [replicate(host_state, jax.local_devices()[:n_devices])]
-        sharded = shard(_batch(batch, seq, config.vocab_size), n_devices)
-        # the same batch k times: [devices, k, rows / devices, ...]
-        sharded = {k: np.stack([v] * per_dispatch, axis=1) for k, v in sharded.items()}
-
-        def call():
-            state[0], metrics = step(state[0], sharded)
-            return metrics
-    elif mode == "train":  # the trainer's own step, with the variant's parameter layout
-        layout = make_layout(layout_name, params, config.dtype)
-        optimizer = make_optimizer(train, total_steps, layout)
-        schedule = linear_warmup_decay(train.learning_rate, train.warmup_steps, total_steps)
-        step = parallel.train_step(model, optimizer, schedule, layout=layout)
-        state = [parallel.put_state(create_train_state(layout.pack(params), optimizer, 0))]
+    per_device, host_state, per_dispatch, layout = step_variants.build(variant, config, precision, params, train,
+                                                                       total_steps)
+    if mode == "train":
+        step = step_variants.pmapped(per_device, devices)
+        state = [replicate(host_state, devices)]
+        if per_dispatch > 1:  # the same batch k times: [devices, k, rows / devices, ...]
+            device_batch = jax.tree_util.tree_map(lambda x: jnp.stack([x] * per_dispatch, axis=1), device_batch)
 
         def call():
             state[0], metrics = step(state[0], device_batch)
             return metrics
     else:
-        forward = parallel.eval_step(model)
-        placed = parallel.put_state(jax.device_get(params))
+        forward = pmap_eval_step(step_variants.model_for(variant, config, precision), layout, devices)
+        placed = replicate(host_state.params, devices)
 
         def call():
             return forward(placed, device_batch)
@@ -128,11 +108,11 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     step_s = statistics.median(_time(call, steps)) / per_dispatch
     trace = None
     if profile:
-        trace = profile_summary(call, steps, per_dispatch, f"{profile}/{mode}-{variant}-{kind}-b{batch}-s{seq}-{dtype}")
-    flops = forward_flops(config, seq, model.cls_only) * batch * (3 if mode == "train" else 1)
-    peak = PEAK_TFLOPS[dtype_name(config.dtype)]
+        trace = profile_summary(call, steps, per_dispatch, f"{profile}/{mode}-{variant}-b{batch}-s{seq}-{dtype}")
+    flops = forward_flops(config, seq, variant != "allrows") * batch * (3 if mode == "train" else 1)
+    peak = PEAK_TFLOPS[jnp.dtype(precision.dtype).name]
     return {
-        "what": f"flaxsst_{mode}", "parallel": kind, "variant": variant, "prng": jax.config.jax_default_prng_impl, "batch": batch, "seq": seq, "dtype": dtype_name(config.dtype),
+        "what": f"flaxsst_{mode}", "variant": variant, "batch": batch, "seq": seq, "dtype": jnp.dtype(precision.dtype).name,
         "devices": n_devices, "step_ms": round(step_s * 1e3, 3), "examples_per_s": round(batch / step_s, 1),
         "tokens_per_s": round(batch * seq / step_s), "tflops": round(flops / step_s / 1e12, 1),
         "mfu": round(flops / step_s / 1e12 / peak, 3), "peak_tflops": peak,
@@ -217,11 +197,10 @@ def bench_classifier(tokenizer_dir: str, config: ModelConfig, dtype: str, calls:
     from flaxsst import Classifier
     from flaxsst.tokenizer import Tokenizer
 
-    config = config.replace(dtype=parse_dtype(dtype))
     cls = Classifier
     if variant == "packed":
-        from classifier_variants import PackedClassifier as cls
-    clf = cls(config, init_params(config, 0), Tokenizer.from_pretrained(tokenizer_dir), max_length=128)
+        from bench.classifier_variants import PackedClassifier as cls
+    clf = cls(config, init_params(config, 0), Tokenizer.from_pretrained(tokenizer_dir), max_length=128, dtype=dtype)
     text = ["Today was an amazing day!"]
     start = time.perf_counter()
     clf(text)
@@ -240,9 +219,9 @@ def bench_classifier(tokenizer_dir: str, config: ModelConfig, dtype: str, calls:
     forward = []
     for _ in range(calls):
         start = time.perf_counter()
-        jax.block_until_ready(clf._forward(clf.params, *placed))
+        jax.block_until_ready(clf.forward(clf.params, *placed))
         forward.append(time.perf_counter() - start)
-    return {"what": "flaxsst_classifier_one_sentence", "variant": variant, "dtype": dtype_name(config.dtype),
+    return {"what": "flaxsst_classifier_one_sentence", "variant": variant, "dtype": jnp.dtype(Precision(dtype).dtype).name,
             "tokens": len(ids[0]), "warm_ms_median": round(statistics.median(times) * 1e3, 3),
             "warm_ms_p90": round(float(np.percentile(times, 90)) * 1e3, 3), "first_call_s": round(first, 2),
             "forward_only_ms_median": round(statistics.median(forward) * 1e3, 3)}
@@ -257,11 +236,11 @@ def plot_sweep(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, mode in zip(axes, ("train", "infer")):
         for seq in sorted({r["seq"] for r in rows}):
-            for kind in sorted({r["parallel"] for r in rows}):
+            for variant in sorted({r["variant"] for r in rows}):
                 points = sorted((r["batch"], r["examples_per_s"]) for r in rows
-                                if r["what"] == f"flaxsst_{mode}" and r["seq"] == seq and r["parallel"] == kind)
+                                if r["what"] == f"flaxsst_{mode}" and r["seq"] == seq and r["variant"] == variant)
                 if points:
-                    ax.plot(*zip(*points), "o-", label=f"seq {seq}, {kind}")
+                    ax.plot(*zip(*points), "o-", label=f"seq {seq}, {variant}")
         ax.set(xscale="log", xlabel="batch size", ylabel="examples / s", title=f"{mode} ({rows[0]['dtype']}, {jax.devices()[0].device_kind})")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -277,21 +256,17 @@ def main() -> None:
     parser.add_argument("--mode", choices=["train", "infer", "both"], default="both")
     parser.add_argument("--devices", type=int, default=jax.local_device_count())
     parser.add_argument("--steps", type=int, default=20, help="dispatches per timed window")
-    parser.add_argument("--parallel", nargs="+", default=["pmap"], choices=["pmap", "shard_map"])
-    parser.add_argument("--prng", default="threefry2x32", choices=["threefry2x32", "rbg", "unsafe_rbg"],
-                        help="dropout's PRNG (train.prng_impl)")
     parser.add_argument("--sweep", action="store_true", help="batch 32..512 (train) / 64..2048 (infer) at seq 32, 64, 128")
     parser.add_argument("--png", help="plot of examples/s against batch size")
     parser.add_argument("--classifier", metavar="TOKENIZER_DIR", help="also time Classifier on one sentence")
-    parser.add_argument("--variant", nargs="+", default=["base"],
-                        help="train-step candidates of bench/step_variants.py: base, allrows, flat, scan<k>, "
-                        "flat_scan<k>; inference takes base and allrows")
+    parser.add_argument("--variant", nargs="+", default=["grouped"],
+                        help="candidates of bench.step_variants: grouped (the trainer's), tree, flat, stacked, allrows, "
+                        "scan<k>, <layout>_scan<k>; inference takes grouped, allrows and stacked")
     parser.add_argument("--profile", metavar="DIR", help="trace each case's timed steps; adds per-step kernel counts, "
                         "device busy time and the top kernels to its JSON")
     args = parser.parse_args()
 
     config = ModelConfig()  # DistilBERT-base
-    jax.config.update("jax_default_prng_impl", args.prng)
     print(json.dumps({"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
                       "devices": args.devices}), flush=True)
     cases = []
@@ -303,12 +278,11 @@ def main() -> None:
     else:
         cases = [(m, b, s) for m in modes for b in args.batch for s in args.seq]
     rows = []
-    for kind in args.parallel:
-        for mode, batch, seq in cases:
-            for variant in (args.variant if mode == "train" else [v for v in args.variant if v in INFER_VARIANTS] or ["base"]):
-                row = bench_case(mode, batch, seq, args.dtype, args.devices, args.steps, config, kind, variant, args.profile)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for mode, batch, seq in cases:
+        for variant in (args.variant if mode == "train" else [v for v in args.variant if v in INFER_VARIANTS] or ["grouped"]):
+            row = bench_case(mode, batch, seq, args.dtype, args.devices, args.steps, config, variant, args.profile)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if args.png and rows:
         plot_sweep(rows, args.png)
     if args.classifier:

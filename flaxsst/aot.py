@@ -5,7 +5,7 @@ chip needs: will it compile, does it fit, how many kernels does a step launch.
 
 The model, parameter layout, optimizer and ``pmap`` mapping are the trainer's own
 (``trainer.build_steps``), built from shapes alone: no data is read and no weight is loaded (the
-model's ``config.json`` is read where ``model.init`` names one). For every length bucket the train
+model's ``config.json`` is read where ``model.pretrained`` names one). For every length bucket the train
 and the eval program are compiled by libtpu (the ``tpu`` extra) on this machine's CPU, and each
 prints a JSON line: per-chip memory against the chip's HBM, FLOPs and bytes (XLA's cost analysis),
 a roofline estimate of the step time, the kernels one call launches (``flaxsst.hlo``) and the compile
@@ -142,40 +142,30 @@ def topology_devices(slice_: Slice) -> list:
 # ---- compiling ------------------------------------------------------------------------------
 
 def model_config_of(config) -> Any:
-    """The model's shapes: ``model.init``'s config.json (no weights), or the random init's fields."""
-    from flaxsst.config import ModelConfig, parse_dtype
+    """The model's shapes: ``model.pretrained``'s config.json (no weights), or a random init's
+    (``model.config`` over DistilBERT-base, the vocabulary of ``model.tokenizer`` or BERT's 30,522)."""
+    from flaxsst.config import ModelConfig
+    from flaxsst.trainer import build_tokenizer, model_overrides
 
-    section = config.model
-    overrides: dict[str, Any] = {k: v for k, v in (("dropout", section.dropout), ("attention_dropout", section.attention_dropout),
-                                                   ("seq_classif_dropout", section.seq_classif_dropout)) if v is not None}
-    if section.labels:
-        overrides.update(id2label=dict(enumerate(section.labels)), label2id=None)
-    if section.residual_dtype:
-        overrides["residual_dtype"] = section.residual_dtype
-    dtype = parse_dtype(section.dtype)
-    if section.init:
+    if config.model.pretrained:
         from flaxsst.convert import CONFIG_NAME, _read_json, config_from_hf
         from flaxsst.hub import resolve_model_dir
 
-        folder = resolve_model_dir(section.init, key="model.init")
-        return config_from_hf(_read_json(folder / CONFIG_NAME), str(folder / CONFIG_NAME), dtype=dtype, **overrides)[0]
-    vocab_size = 30522
-    if section.tokenizer:
-        from flaxsst.trainer import build_tokenizer
-
-        vocab_size = build_tokenizer(config, Path(".")).vocab_size
-    return ModelConfig(vocab_size=vocab_size, dim=section.dim, n_layers=section.n_layers, n_heads=section.n_heads,
-                       hidden_dim=section.hidden_dim, max_position_embeddings=section.max_position_embeddings,
-                       dtype=dtype, **overrides)
+        path = resolve_model_dir(config.model.pretrained, key="model.pretrained") / CONFIG_NAME
+        return config_from_hf(_read_json(path), str(path), **model_overrides(config))[0]
+    vocab_size = build_tokenizer(config, Path(".")).vocab_size if config.model.tokenizer else 30522
+    return ModelConfig(**{"vocab_size": vocab_size, **model_overrides(config)})
 
 
-def _stacked(tree: Any, n: int) -> Any:
+def per_device(tree: Any, n: int) -> Any:
+    """Shapes -> the same shapes stacked once per device, as ``pmap`` takes them."""
     import jax
 
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), tree)
 
 
-def _batch(n_devices: int, rows: int, length: int) -> dict:
+def batch_shapes(n_devices: int, rows: int, length: int) -> dict:
+    """A train or eval batch's shapes: ``rows`` rows of ``length`` tokens on each of ``n_devices``."""
     import jax
     import jax.numpy as jnp
 
@@ -246,28 +236,27 @@ def compile_run(config, slice_: Slice, hlo_dir: Path | None = None, log=print) -
     """The train and eval program of every length bucket of ``config``, compiled for ``slice_``."""
     import jax
 
-    from flaxsst.evaluation import eval_rows
+    from flaxsst.evaluation import global_eval_batch
     from flaxsst.model import init_params
+    from flaxsst.parallel import check_divisible
     from flaxsst.steps import create_train_state
     from flaxsst.trainer import build_steps
 
     devices = topology_devices(slice_)
     n = len(devices)
-    if config.train.global_batch_size % n:
-        raise ConfigError(f"train.global_batch_size={config.train.global_batch_size} does not divide evenly over the "
-                          f"{n} chips of {slice_.name}; use a multiple of {n}")
+    check_divisible(config.train.global_batch_size, n, f"train.global_batch_size (on the {n} chips of {slice_.name})")
     model_config = model_config_of(config)
     params = jax.eval_shape(lambda: init_params(model_config, 0))
     steps = build_steps(config, model_config, params, total_steps=10_000, devices=devices)
-    state = jax.eval_shape(lambda p: create_train_state(steps.layout.pack(p), steps.optimizer, 0), params)
+    state = jax.eval_shape(lambda p: create_train_state(steps.groups.pack(p), steps.optimizer, 0), params)
     lengths = sorted(set(config.data.length_buckets) | {config.data.max_seq_length})
     train_rows = config.train.global_batch_size // n
-    evaluation_rows = eval_rows(config.train.eval_batch_size, n) // n
+    evaluation_rows = global_eval_batch(config.train.eval_batch_size, n) // n
     records = []
     for length in lengths:
         for kind, fn, args, rows in (
-                ("train", steps.train, (_stacked(state, n), _batch(n, train_rows, length)), train_rows),
-                ("eval", steps.eval, (_stacked(state.params, n), _batch(n, evaluation_rows, length)), evaluation_rows)):
+                ("train", steps.train, (per_device(state, n), batch_shapes(n, train_rows, length)), train_rows),
+                ("eval", steps.eval, (per_device(state.params, n), batch_shapes(n, evaluation_rows, length)), evaluation_rows)):
             log(f"compiling the {kind} program at length {length} for {slice_.name} ({n} chips, {slice_.hosts} "
                 f"host{'s' if slice_.hosts > 1 else ''}) ...")
             records.append(compile_program(kind, fn, args, slice_, length, rows, hlo_dir))

@@ -291,9 +291,19 @@ def _value(config: TrainConfig, key: str) -> Any:
 
 
 def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
-    """``key: saved -> current`` for every key that changes the result (``RESUMABLE_KEYS`` aside)."""
-    return [f"{key}: {_value(saved, key)!r} -> {_value(current, key)!r}" for key in config_keys()
-            if not key.startswith(RESUMABLE_KEYS) and _value(saved, key) != _value(current, key)]
+    """``key: saved -> current`` for every key that changes the result (``RESUMABLE_KEYS`` aside);
+    a mapping (``model.config``) is compared key by key."""
+    differences = []
+    for key in config_keys():
+        old, new = _value(saved, key), _value(current, key)
+        if key.startswith(RESUMABLE_KEYS) or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                            if old.get(k) != new.get(k)]
+        else:
+            differences.append(f"{key}: {old!r} -> {new!r}")
+    return differences
 
 
 def check_resumable(workdir: Path, config: TrainConfig) -> None:

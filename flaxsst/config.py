@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 
@@ -40,18 +40,11 @@ def parse_dtype(value: Any) -> Any:
     return jnp.dtype(value).type
 
 
-def dtype_name(value: Any) -> str:
-    return jnp.dtype(value).name
-
-
 @dataclasses.dataclass
 class ModelConfig:
-    """DistilBERT hyper-parameters, named as in Hugging Face's ``DistilBertConfig``.
-
-    ``dtype`` is the compute dtype and ``param_dtype`` the storage dtype of the
-    parameters; neither is written to ``config.json`` (HF records only
-    ``torch_dtype``, the dtype the weights are stored in).
-    """
+    """DistilBERT hyper-parameters: a ``config.json`` exactly as transformers lays out
+    ``DistilBertConfig``. How the model computes (its dtypes) is not part of it: see
+    ``flaxsst.model.Precision``."""
 
     vocab_size: int = 30522
     max_position_embeddings: int = 512
@@ -72,13 +65,7 @@ class ModelConfig:
         default_factory=lambda: {0: "NEGATIVE", 1: "POSITIVE"}
     )
     label2id: dict[str, int] | None = None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    attention: str = "auto"  # "auto": cuDNN fused attention for half-precision inference on GPU; "xla": always einsum
-    # dtype of the LayerNorm outputs, hence of the residual stream between blocks; None = ``dtype``.
-    # float32 with a bfloat16 ``dtype`` is PyTorch autocast's split: matmuls in bf16, norms and adds in fp32.
-    residual_dtype: Any = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # config.json keys it does not model, kept
 
     def __post_init__(self) -> None:
         self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
@@ -86,24 +73,12 @@ class ModelConfig:
             self.label2id = {v: k for k, v in self.id2label.items()}
         else:
             self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
-        self.dtype = parse_dtype(self.dtype)
-        self.param_dtype = parse_dtype(self.param_dtype)
-        if self.residual_dtype is not None:
-            self.residual_dtype = parse_dtype(self.residual_dtype)
         if self.dim % self.n_heads:
-            raise ConfigError(
-                f"dim={self.dim} must be divisible by n_heads={self.n_heads}"
-            )
+            raise ConfigError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.activation not in ("gelu", "relu"):
-            raise ConfigError(
-                f"activation={self.activation!r} is not supported; expected 'gelu' or 'relu'"
-            )
-        if self.attention not in ("auto", "xla"):
-            raise ConfigError(f"attention={self.attention!r}; expected 'auto' or 'xla'")
+            raise ConfigError(f"activation={self.activation!r} is not supported; expected 'gelu' or 'relu'")
         if sorted(self.id2label) != list(range(len(self.id2label))):
-            raise ConfigError(
-                f"id2label keys must be 0..num_labels-1, got {sorted(self.id2label)}"
-            )
+            raise ConfigError(f"id2label keys must be 0..num_labels-1, got {sorted(self.id2label)}")
 
     @property
     def num_labels(self) -> int:
@@ -112,15 +87,15 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    # ---- config.json --------------------------------------------------------------
-    _NON_JSON = ("extra", "dtype", "param_dtype", "attention", "residual_dtype")
+    @classmethod
+    def fields(cls) -> list[str]:
+        """The ``config.json`` keys it models."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` dict of a ``DistilBertForSequenceClassification``."""
         out: dict[str, Any] = dict(self.extra)
-        for field in dataclasses.fields(self):
-            if field.name not in self._NON_JSON:
-                out[field.name] = getattr(self, field.name)
+        out.update({name: getattr(self, name) for name in self.fields()})
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["model_type"] = "distilbert"
         out["architectures"] = ["DistilBertForSequenceClassification"]
@@ -129,26 +104,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - set(cls._NON_JSON)
+        names = set(cls.fields())
         known = {k: v for k, v in data.items() if k in names}
-        extra = {
-            k: v
-            for k, v in data.items()
-            if k not in names and k not in ("model_type", "architectures", "torch_dtype", "dtype")
-        }
+        extra = {k: v for k, v in data.items()
+                 if k not in names and k not in ("model_type", "architectures", "torch_dtype", "dtype")}
         if "num_labels" in extra and "id2label" not in known:
             known["id2label"] = {i: f"LABEL_{i}" for i in range(int(extra.pop("num_labels")))}
         extra.pop("num_labels", None)
         return cls(**{**known, **overrides}, extra=extra)
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "ModelConfig":
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(data, **overrides)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -162,24 +125,19 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class ModelSection:
-    init: str | None = ""  # HF folder or hub id to start from; "" (or model.init=) = random init with the fields below
-    tokenizer: str | None = ""  # folder/hub id/vocab.txt; "" = the same as init
-    dim: int = 768
-    n_layers: int = 6
-    n_heads: int = 12
-    hidden_dim: int = 3072
-    max_position_embeddings: int = 512  # the longest data.max_seq_length a random init takes
-    dropout: float | None = None  # None = as in the model config
-    attention_dropout: float | None = None
-    seq_classif_dropout: float | None = None
+    pretrained: str = ""  # HF folder or hub id to start from; "" = a random init of model.config's shape
+    tokenizer: str = ""  # HF folder, hub id, vocab.txt or tokenizer.json; "" = pretrained's
+    # config.json fields that override the pretrained model's (dropout: 0.0) or, for a random init,
+    # DistilBERT-base's defaults (dim, n_layers, n_heads, hidden_dim, max_position_embeddings ...)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
     labels: list[str] = dataclasses.field(default_factory=list)  # id2label in order; [] = the checkpoint's
-    dtype: str = "float32"  # compute dtype; params and optimizer state stay float32
+    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
     residual_dtype: str = ""  # LayerNorm outputs / residual stream; "" = dtype, float32 = autocast-style bf16
 
 
 @dataclasses.dataclass
 class DataSection:
-    path: str = "glue/sst2"  # hub dataset "glue/sst2", a GLUE folder (train.tsv, dev.tsv), a file, or "synthetic"
+    path: str = "glue/sst2"  # a GLUE folder (train.tsv, dev.tsv), a file, "glue/sst2" or another hub data set, or "synthetic"
     train_split: str = "train"
     eval_split: str = "validation"
     text_column: str = "sentence"
@@ -209,12 +167,7 @@ class TrainSection:
     log_every_steps: int = 50
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 2
-    precompile: bool = True  # compile every bucket's programs up front, in parallel
-    parallel: str = "pmap"  # "pmap", or "shard_map" (jax.jit + jax.shard_map of the same per-device step)
-    prng_impl: str = "threefry2x32"  # dropout's PRNG: "threefry2x32" (JAX's default), "rbg" or "unsafe_rbg" (XLA's, faster on GPU)
-    # "tree": params and AdamW moments per tensor; "flat": one float32 vector each (clip + AdamW as a
-    # few kernels over the whole model instead of a few per tensor; the same math)
-    param_layout: str = "tree"
+    precompile: bool = True  # compile every program the run needs before the first step, in parallel
 
 
 @dataclasses.dataclass
@@ -233,6 +186,16 @@ class TrainConfig:
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 
 
+# Keys of earlier versions, for the error that meets them in an old config or workdir.
+RENAMED = {
+    "model.init": "model.pretrained",
+    **{f"model.{name}": f"model.config.{name}" for name in ("dim", "n_layers", "n_heads", "hidden_dim", "dropout",
+                                                             "attention_dropout", "seq_classif_dropout",
+                                                             "max_position_embeddings")},
+    "train.parallel": None, "train.prng_impl": None, "train.param_layout": None,
+}
+
+
 def config_keys(section: Any = TrainConfig, prefix: str = "") -> list[str]:
     """Every dotted key of the training config: ``model.init`` ... ``distributed.process_id``."""
     keys = []
@@ -244,11 +207,22 @@ def config_keys(section: Any = TrainConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_message(key: str) -> str:
-    """``unknown key 'train.lr'; did you mean train.learning_rate? (train has: ...)``: close names,
-    prefixes and initials (``lr`` -> ``learning_rate``) of the keys in the same section."""
+def _suggest(name: str, names: list[str]) -> list[str]:
+    """Names starting with ``name``, whose initials it is (``lr`` -> ``learning_rate``), or close to it."""
     import difflib
 
+    picks = [n for n in names if name and (n.startswith(name) or "".join(w[0] for w in n.split("_")) == name)]
+    return picks + [n for n in difflib.get_close_matches(name, names, n=3, cutoff=0.6) if n not in picks]
+
+
+def _unknown_key_message(key: str) -> str:
+    """``unknown key 'train.lr'; did you mean train.learning_rate? (train has: ...)``: close names,
+    prefixes and initials of the keys in the same section, or the key's new name."""
+    import difflib
+
+    if key in RENAMED:
+        new = RENAMED[key]
+        return f"{key!r} is {'now ' + new if new else 'gone (its one value is now the only behaviour)'}"
     keys = config_keys()
     sections = sorted({k.split(".")[0] for k in keys})
     section, _, leaf = key.partition(".")
@@ -257,10 +231,7 @@ def _unknown_key_message(key: str) -> str:
         hint = f"; did you mean {close[0]}{'.' + leaf if leaf else ''}?" if close else ""
         return f"unknown key {key!r}{hint} (sections: {', '.join(sections)})"
     leaves = [k.split(".", 1)[1] for k in keys if k.startswith(section + ".")]
-    leaf = leaf.split(".")[0]
-    picks = [name for name in leaves
-             if leaf and (name.startswith(leaf) or "".join(word[0] for word in name.split("_")) == leaf)]
-    picks += [name for name in difflib.get_close_matches(leaf, leaves, n=3, cutoff=0.6) if name not in picks]
+    picks = _suggest(leaf.split(".")[0], leaves)
     hint = f"; did you mean {' or '.join(f'{section}.{name}' for name in picks[:3])}?" if picks else ""
     return f"unknown key {key!r}{hint} ({section} has: {', '.join(leaves)})"
 
@@ -273,10 +244,21 @@ def _merge(base: Any, update: Any, where: str) -> Any:
     try:
         return OmegaConf.merge(base, update)
     except ConfigKeyError as e:
-        raise ConfigError(f"{where}: {_unknown_key_message(str(e.full_key))}") from None
+        key = str(e.full_key)
+        if isinstance(update, Mapping) or hasattr(update, "keys"):  # the override's own key, when OmegaConf cut it short
+            key = next((k for k in RENAMED if k.startswith(key) and _has_key(update, k)), key)
+        raise ConfigError(f"{where}: {_unknown_key_message(key)}") from None
     except OmegaConfBaseException as e:
         key = f"{e.full_key!r}: " if getattr(e, "full_key", None) else ""
         raise ConfigError(f"{where}: {key}{str(e).splitlines()[0]}") from None
+
+
+def _has_key(tree: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not hasattr(tree, "keys") or part not in tree:
+            return False
+        tree = tree[part]
+    return True
 
 
 def load_train_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -295,8 +277,8 @@ def load_train_config(path: str | os.PathLike | None = None, overrides: list[str
         key, equals, value = item.partition("=")
         if not equals or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.learning_rate=2e-5)")
-        try:
-            update = OmegaConf.from_dotlist([item])
+        try:  # "key=" sets an empty string (e.g. model.pretrained= for a model built from scratch)
+            update = OmegaConf.from_dotlist([item if value.strip() else f"{key}=''"])
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item}: {value!r} is not a valid value ({getattr(e, 'problem', e)})") from None
         except OmegaConfBaseException as e:
@@ -370,14 +352,12 @@ def _validate(config: TrainConfig) -> None:
             parse_dtype(value)
         except ValueError as e:
             raise ConfigError(f"config key 'model.{key}' = {value!r}: {e}") from None
-    if config.train.prng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
-        raise ConfigError(f"config key 'train.prng_impl' = {config.train.prng_impl!r}; "
-                          "expected 'threefry2x32', 'rbg' or 'unsafe_rbg'")
-    if config.train.parallel not in ("pmap", "shard_map"):
-        raise ConfigError(f"config key 'train.parallel' = {config.train.parallel!r}; expected 'pmap' or 'shard_map'")
-    if config.train.param_layout not in ("tree", "flat", "grouped", "stacked"):
-        raise ConfigError(f"config key 'train.param_layout' = {config.train.param_layout!r}; "
-                          "expected 'tree', 'flat', 'grouped' or 'stacked'")
+    fields = ModelConfig.fields()
+    for key in config.model.config:
+        if key not in fields:
+            picks = _suggest(key, fields)
+            hint = f"; did you mean {' or '.join(f'model.config.{p}' for p in picks[:3])}?" if picks else ""
+            raise ConfigError(f"unknown key 'model.config.{key}'{hint} (config.json fields: {', '.join(fields)})")
 
 
 def train_config_to_yaml(config: TrainConfig) -> str:

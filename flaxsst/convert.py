@@ -354,7 +354,7 @@ def state_dict_to_params(
                 continue
             value = value.astype(np.float32) + token_types[0].astype(np.float32)
             report.folded.append(f"{token_type_key}[0]")
-        _set(params, path, jnp.asarray(value.astype(np.float32), dtype=config.param_dtype))
+        _set(params, path, jnp.asarray(value, dtype=jnp.float32))
     if bad_shapes:
         raise CheckpointError("tensors with the wrong shape: " + "; ".join(bad_shapes))
     head_missing = [k for k in missing if k.startswith(HEAD_PREFIXES)]
@@ -362,7 +362,7 @@ def state_dict_to_params(
         fresh = init_params(config, rng)
         for hf_key, path, _ in table:
             if hf_key in head_missing:
-                _set(params, path, jnp.asarray(_get(fresh, path), dtype=config.param_dtype))
+                _set(params, path, jnp.asarray(_get(fresh, path), dtype=jnp.float32))
         report.initialized = head_missing
     return params, report
 
@@ -370,8 +370,6 @@ def state_dict_to_params(
 def load_pretrained(
     name_or_path: str | os.PathLike,
     *,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
@@ -384,8 +382,8 @@ def load_pretrained(
 
     DistilBERT checkpoints (with or without a classification head) and BERT-family
     encoders load into the same DistilBERT-shaped model; fp16/bf16 weights are cast
-    to ``param_dtype``. ``config_overrides`` replace config fields (e.g. ``id2label``). ``setting`` names
-    where the name came from (``model.init``, ``--model``) in errors.
+    to float32. ``config_overrides`` replace config fields (e.g. ``id2label``). ``setting`` names
+    where the name came from (``model.pretrained``, ``--model``) in errors.
     """
     model_dir = resolve_model_dir(name_or_path, key=setting, revision=revision, cache_dir=cache_dir,
                                   local_files_only=local_files_only)
@@ -393,7 +391,7 @@ def load_pretrained(
     if not config_path.is_file():
         raise CheckpointError(f"{model_dir} has no {CONFIG_NAME}; found {sorted(p.name for p in model_dir.iterdir())}")
     config, family = config_from_hf(_read_json(config_path), str(config_path),
-                                    dtype=dtype, param_dtype=param_dtype, **config_overrides)
+                                    **config_overrides)
     tensors, origin = read_state_dict(model_dir)
     params, report = state_dict_to_params(tensors, config, family, origin, rng)
     if return_report:

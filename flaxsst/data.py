@@ -232,15 +232,20 @@ def pick_length(longest: int, buckets: Sequence[int], max_seq_length: int) -> in
     return max_seq_length
 
 
+def batch_length(split: TokenizedSplit, indices: np.ndarray, buckets: Sequence[int], max_seq_length: int) -> int:
+    """The padded length of the batch of ``indices``: the smallest bucket its longest example fits."""
+    return pick_length(max((len(split.token_ids[i]) for i in indices), default=2), buckets, max_seq_length)
+
+
 def make_batch(split: TokenizedSplit, indices: np.ndarray, rows: int, buckets: Sequence[int],
                max_seq_length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """``rows`` rows: the examples at ``indices`` then padding rows of weight 0.
 
     -> ``input_ids, attention_mask [rows, length]`` int32, ``labels [rows]`` int32,
-    ``weights [rows]`` float32; ``length`` is the smallest bucket that fits.
+    ``weights [rows]`` float32; ``length`` is the smallest bucket that fits (``batch_length``).
     """
     seqs = [split.token_ids[i] for i in indices]
-    length = pick_length(max((len(s) for s in seqs), default=2), buckets, max_seq_length)
+    length = batch_length(split, indices, buckets, max_seq_length)
     input_ids, mask = pad_right(seqs, rows, length, pad_id)
     labels = np.zeros(rows, dtype=np.int32)
     labels[: len(indices)] = split.labels[indices]
@@ -249,16 +254,26 @@ def make_batch(split: TokenizedSplit, indices: np.ndarray, rows: int, buckets: S
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "weights": weights}
 
 
-def host_rows(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
-    """This host's contiguous slice of a global batch."""
-    rows = len(batch["labels"])
-    if rows % process_count:
-        raise ValueError(f"global batch of {rows} rows does not split evenly over {process_count} processes")
-    per_host = rows // process_count
-    return {k: v[process_index * per_host : (process_index + 1) * per_host] for k, v in batch.items()}
+def process_slice(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    """This process's contiguous slice of a global batch (its rows divide evenly: the trainer checks)."""
+    per_process = len(batch["labels"]) // process_count
+    return {k: v[process_index * per_process : (process_index + 1) * per_process] for k, v in batch.items()}
 
 
 def eval_index_batches(num_examples: int, batch_size: int) -> Iterator[np.ndarray]:
     """Consecutive index blocks covering every example exactly once."""
     for start in range(0, num_examples, batch_size):
         yield np.arange(start, min(start + batch_size, num_examples))
+
+
+def train_lengths(split: TokenizedSplit, steps: range, global_batch_size: int, seed: int, buckets: Sequence[int],
+                  max_seq_length: int) -> list[int]:
+    """The padded lengths the train batches of ``steps`` take, so a run compiles just those programs."""
+    return sorted({batch_length(split, train_batch_indices(step, len(split), global_batch_size, seed), buckets,
+                                max_seq_length) for step in steps})
+
+
+def eval_lengths(split: TokenizedSplit, rows: int, buckets: Sequence[int], max_seq_length: int) -> list[int]:
+    """The padded lengths the eval batches of ``rows`` rows take."""
+    return sorted({batch_length(split, indices, buckets, max_seq_length)
+                   for indices in eval_index_batches(len(split), rows)})

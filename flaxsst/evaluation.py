@@ -12,36 +12,38 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from flaxsst.config import ModelConfig, TrainConfig, parse_dtype
-from flaxsst.data import TokenizedSplit, eval_index_batches, host_rows, load_tokenized, make_batch
+from flaxsst.config import ModelConfig, TrainConfig
+from flaxsst.data import TokenizedSplit, eval_index_batches, load_tokenized, make_batch, process_slice
 from flaxsst.metrics import classification_metrics, format_table
+from flaxsst.parallel import gather_rows, put_batch
 
 
-def eval_rows(batch_size: int, n_devices: int | None = None) -> int:
+def global_eval_batch(batch_size: int, n_devices: int | None = None) -> int:
     """Rows of a global eval batch: ``batch_size`` rounded down to a multiple of the device count
     (default: every device of the run)."""
     n_devices = n_devices or jax.device_count()
     return max(n_devices, batch_size // n_devices * n_devices)
 
 
-def predict_split(parallel, p_eval: Callable, params: Any, split: TokenizedSplit, batch_size: int,
-                  buckets, max_seq_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits ``[n, num_labels]`` and per-example losses ``[n]`` of every example of ``split``, in order."""
-    rows = eval_rows(batch_size)
+def predict_split(eval_fn: Callable, params: Any, split: TokenizedSplit, batch_size: int, buckets,
+                  max_seq_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[n, num_labels]`` and per-example losses ``[n]`` of every example of ``split``, in order;
+    ``eval_fn(params, batch)`` is the pmapped eval step."""
+    rows = global_eval_batch(batch_size)
     all_logits, all_losses = [], []
     for indices in eval_index_batches(len(split), rows):
-        batch = host_rows(make_batch(split, indices, rows, buckets, max_seq_length, pad_id),
-                          jax.process_index(), jax.process_count())
-        out = p_eval(params, parallel.put_batch(batch))
-        all_logits.append(parallel.rows(out["logits"])[: len(indices)])
-        all_losses.append(parallel.rows(out["loss"])[: len(indices)])
+        batch = process_slice(make_batch(split, indices, rows, buckets, max_seq_length, pad_id),
+                              jax.process_index(), jax.process_count())
+        out = eval_fn(params, put_batch(batch))
+        all_logits.append(gather_rows(out["logits"])[: len(indices)])
+        all_losses.append(gather_rows(out["loss"])[: len(indices)])
     return np.concatenate(all_logits), np.concatenate(all_losses)
 
 
-def evaluate(parallel, p_eval: Callable, params: Any, split: TokenizedSplit, model_config: ModelConfig,
-             config: TrainConfig, pad_id: int) -> dict:
+def evaluate(eval_fn: Callable, params: Any, split: TokenizedSplit, model_config: ModelConfig, config: TrainConfig,
+             pad_id: int) -> dict:
     """The metrics of ``classification_metrics`` for ``split``."""
-    logits, _ = predict_split(parallel, p_eval, params, split, config.train.eval_batch_size, config.data.length_buckets,
+    logits, _ = predict_split(eval_fn, params, split, config.train.eval_batch_size, config.data.length_buckets,
                               config.data.max_seq_length, pad_id)
     return classification_metrics(split.labels, logits, model_config.num_labels)
 
@@ -58,19 +60,21 @@ def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | 
     """Evaluate a HF folder / hub id / export on ``config.data.eval_split`` over all devices;
     print the table and write ``eval_results.json`` to ``output``."""
     from flaxsst.convert import load_pretrained
-    from flaxsst.model import DistilBertForSequenceClassification
-    from flaxsst.parallel import DataParallel, maybe_initialize_distributed
+    from flaxsst.model import DistilBertForSequenceClassification, Precision
+    from flaxsst.param_groups import ParamGroups
+    from flaxsst.parallel import initialize_distributed, pmap_eval_step, replicate
     from flaxsst.tokenizer import Tokenizer
 
-    maybe_initialize_distributed(config)
-    model_config, params = load_pretrained(model, dtype=parse_dtype(config.model.dtype), setting="--model")
+    initialize_distributed(config)
+    model_config, params = load_pretrained(model, setting="--model")
     check_sequence_length(config, model_config, model)
     tokenizer = Tokenizer.from_pretrained(model, config.data.max_seq_length, key="--model")
     cache_dir = Path(config.data.cache_dir or Path(output or ".") / "cache")
     split = load_tokenized(config.data, config.data.eval_split, tokenizer, model_config.label2id, cache_dir, config.train.seed)
-    parallel = DataParallel(config.train.parallel)
-    p_eval = parallel.eval_step(DistilBertForSequenceClassification(model_config))
-    metrics = evaluate(parallel, p_eval, parallel.put_state(params), split, model_config, config, tokenizer.pad_id)
+    precision = Precision(config.model.dtype, config.model.residual_dtype or None)
+    groups = ParamGroups(params, precision.dtype)
+    eval_fn = pmap_eval_step(DistilBertForSequenceClassification(model_config, precision), groups)
+    metrics = evaluate(eval_fn, replicate(groups.pack(params)), split, model_config, config, tokenizer.pad_id)
     if jax.process_index() == 0:
         print(f"{split.source}: {len(split)} examples, model {model}")
         print(format_table(metrics, model_config.id2label))

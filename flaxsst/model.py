@@ -6,20 +6,19 @@ conversion is a rename plus a transpose (see ``flaxsst.convert``).
 
 Numerics follow ``transformers.DistilBertModel``: post-LayerNorm blocks with eps
 ``config.layer_norm_eps`` (1e-12), exact erf GELU, queries scaled by
-``1/sqrt(head_dim)`` before the product. Matmuls run in ``config.dtype``; softmax,
-LayerNorm statistics and logits run in float32, and masking uses ``where`` so it
-is safe in float16/bfloat16. LayerNorm outputs, and so the residual stream, are in
-``config.residual_dtype`` (default: ``config.dtype``; float32 under a bf16 ``dtype`` is
-PyTorch autocast's split).
+``1/sqrt(head_dim)`` before the product. Every module takes the ``ModelConfig`` (the
+``config.json``) and a ``Precision``: matmuls run in ``precision.dtype``; softmax, LayerNorm
+statistics and logits in float32, and masking uses ``where`` so it is safe in float16/bfloat16.
+LayerNorm outputs, and so the residual stream, are in ``precision.residual_dtype`` (default: the
+compute dtype; float32 under bfloat16 is PyTorch autocast's split). Parameters are float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import hashlib
 import logging
 import math
-
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +26,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxsst.config import ModelConfig
+from flaxsst.config import ModelConfig, parse_dtype
+from flaxsst.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How the model computes, apart from what it is: the matmuls' dtype, the residual stream's
+    (``None``: the same), and the attention kernel ("auto": cuDNN's fused attention for
+    half-precision inference on a GPU; "xla": always the einsum path)."""
+
+    dtype: Any = jnp.float32
+    residual_dtype: Any = None
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if self.residual_dtype is not None:
+            object.__setattr__(self, "residual_dtype", parse_dtype(self.residual_dtype))
+        if self.attention not in ("auto", "xla"):
+            raise ConfigError(f"attention={self.attention!r}; expected 'auto' or 'xla'")
+
+    @property
+    def layer_norm_dtype(self) -> Any:
+        return self.residual_dtype or self.dtype
 
 
 def sinusoidal_position_table(n_pos: int, dim: int) -> np.ndarray:
@@ -41,33 +63,27 @@ def sinusoidal_position_table(n_pos: int, dim: int) -> np.ndarray:
     return table.astype(np.float32)
 
 
-def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        kernel_init=nn.initializers.normal(config.initializer_range),
-        name=name,
-    )
+def _dense(config: ModelConfig, precision: Precision, features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=precision.dtype, kernel_init=nn.initializers.normal(config.initializer_range),
+                    name=name)
 
 
-def _layer_norm(config: ModelConfig, name: str) -> "LayerNorm":
-    return LayerNorm(config.layer_norm_eps, config.residual_dtype or config.dtype, config.param_dtype, name=name)
+def _layer_norm(config: ModelConfig, precision: Precision, name: str) -> "LayerNorm":
+    return LayerNorm(config.layer_norm_eps, precision.layer_norm_dtype, name=name)
 
 
 class LayerNorm(nn.Module):
     """LayerNorm over the last axis: ``nn.LayerNorm``'s parameters and forward numbers (two-pass
     variance in float32: E[x^2]-E[x]^2 drifts by ~1e-5 from PyTorch's), with the backward written
-    out (``layer_norm``) so it takes two row reductions instead of autodiff's chain of them."""
+    out (``layer_norm``): two row reductions instead of autodiff's chain of them, fewer kernels."""
 
     epsilon: float
     dtype: Any
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros_init(), (x.shape[-1],), self.param_dtype)
+        scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (x.shape[-1],), jnp.float32)
         return layer_norm(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
 
 
@@ -93,8 +109,7 @@ def _layer_norm_backward(epsilon, dtype, residuals, dy):
     dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
                  - normalized * jnp.mean(g * normalized, axis=-1, keepdims=True))
     rows = tuple(range(dy.ndim - 1))
-    return (dx.astype(x.dtype), jnp.sum(dy32 * normalized, axis=rows).astype(scale.dtype),
-            jnp.sum(dy32, axis=rows).astype(scale.dtype))
+    return dx.astype(x.dtype), jnp.sum(dy32 * normalized, axis=rows), jnp.sum(dy32, axis=rows)
 
 
 layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
@@ -115,28 +130,27 @@ def _cudnn_attention_compiles(dtype_name: str, head_dim: int) -> bool:
     return True
 
 
-def _fused_attention_available(config: ModelConfig) -> bool:
-    """cuDNN attention: inference in float16/bfloat16 on a GPU, unless ``config.attention == "xla"``."""
+def _fused_attention_available(config: ModelConfig, precision: Precision) -> bool:
+    """cuDNN attention: inference in float16/bfloat16 on a GPU, unless ``precision.attention == "xla"``."""
     return (
-        config.attention == "auto"
-        and jnp.dtype(config.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        precision.attention == "auto"
+        and jnp.dtype(precision.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and jax.default_backend() == "gpu"
-        and _cudnn_attention_compiles(jnp.dtype(config.dtype).name, config.dim // config.n_heads)
+        and _cudnn_attention_compiles(jnp.dtype(precision.dtype).name, config.dim // config.n_heads)
     )
 
 
 class Embeddings(nn.Module):
     config: ModelConfig
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, deterministic: bool) -> jax.Array:
         """``input_ids [batch, seq]`` -> ``[batch, seq, dim]``."""
-        config = self.config
+        config, dtype = self.config, self.precision.dtype
         init = nn.initializers.normal(config.initializer_range)
-        words = nn.Embed(
-            config.vocab_size, config.dim, dtype=config.dtype,
-            param_dtype=config.param_dtype, embedding_init=init, name="word_embeddings",
-        )(input_ids)
+        words = nn.Embed(config.vocab_size, config.dim, dtype=dtype, embedding_init=init,
+                         name="word_embeddings")(input_ids)
         seq_len = input_ids.shape[-1]
         if seq_len > config.max_position_embeddings:
             raise ValueError(
@@ -144,21 +158,18 @@ class Embeddings(nn.Module):
                 f"{config.max_position_embeddings}; truncate inputs to at most that"
             )
         if config.sinusoidal_pos_embds:
-            positions = jnp.asarray(
-                sinusoidal_position_table(config.max_position_embeddings, config.dim)[:seq_len],
-                dtype=config.dtype,
-            )
+            positions = jnp.asarray(sinusoidal_position_table(config.max_position_embeddings, config.dim)[:seq_len],
+                                    dtype=dtype)
         else:
-            positions = nn.Embed(
-                config.max_position_embeddings, config.dim, dtype=config.dtype,
-                param_dtype=config.param_dtype, embedding_init=init, name="position_embeddings",
-            )(jnp.arange(seq_len))
-        hidden = _layer_norm(config, "LayerNorm")(words + positions[None])
+            positions = nn.Embed(config.max_position_embeddings, config.dim, dtype=dtype, embedding_init=init,
+                                 name="position_embeddings")(jnp.arange(seq_len))
+        hidden = _layer_norm(config, self.precision, "LayerNorm")(words + positions[None])
         return nn.Dropout(config.dropout)(hidden, deterministic=deterministic)
 
 
 class MultiHeadSelfAttention(nn.Module):
     config: ModelConfig
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
@@ -166,169 +177,89 @@ class MultiHeadSelfAttention(nn.Module):
         """``hidden [batch, seq, dim]``, ``attention_mask [batch, seq]`` (1 = token) -> ``[batch, seq, dim]``;
         with ``cls_only`` only the first position queries (all positions are keys and values): ``[batch, 1, dim]``.
         ``dropout_key``: the attention dropout's key (default: flax's, from the module path)."""
-        config = self.config
+        config, precision = self.config, self.precision
         batch = hidden.shape[0]
         head_dim = config.dim // config.n_heads
 
         def heads(name: str, rows: jax.Array) -> jax.Array:
-            return _dense(config, config.dim, name)(rows).reshape(batch, rows.shape[1], config.n_heads, head_dim)
+            return _dense(config, precision, config.dim, name)(rows).reshape(batch, rows.shape[1], config.n_heads, head_dim)
 
         query = heads("q_lin", hidden[:, :1] if cls_only else hidden)
         key, value = heads("k_lin", hidden), heads("v_lin", hidden)
         keep = attention_mask[:, None, None, :].astype(bool)
-        if deterministic and not cls_only and _fused_attention_available(config):
+        if deterministic and not cls_only and _fused_attention_available(config, precision):
             # cuDNN's fused kernel never writes the [batch, heads, seq, seq] scores to memory (one
             # query row's scores are small, so cls_only keeps the einsum path the probe covered).
             context = jax.nn.dot_product_attention(query, key, value, mask=keep, implementation="cudnn")
         else:
-            query = query / jnp.asarray(math.sqrt(head_dim), config.dtype)
+            query = query / jnp.asarray(math.sqrt(head_dim), precision.dtype)
             scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
             scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-            weights = jax.nn.softmax(scores, axis=-1).astype(config.dtype)
+            weights = jax.nn.softmax(scores, axis=-1).astype(precision.dtype)
             weights = nn.Dropout(config.attention_dropout)(weights, deterministic=deterministic, rng=dropout_key)
             context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
         context = context.reshape(batch, query.shape[1], config.dim)
-        return _dense(config, config.dim, "out_lin")(context)
+        return _dense(config, precision, config.dim, "out_lin")(context)
 
 
 class FFN(nn.Module):
     config: ModelConfig
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, hidden: jax.Array, deterministic: bool, dropout_key: jax.Array | None = None) -> jax.Array:
         config = self.config
-        hidden = _dense(config, config.hidden_dim, "lin1")(hidden)
-        if config.activation == "gelu":
-            hidden = nn.gelu(hidden, approximate=False)
-        else:
-            hidden = nn.relu(hidden)
-        hidden = _dense(config, config.dim, "lin2")(hidden)
+        hidden = _dense(config, self.precision, config.hidden_dim, "lin1")(hidden)
+        hidden = nn.gelu(hidden, approximate=False) if config.activation == "gelu" else nn.relu(hidden)
+        hidden = _dense(config, self.precision, config.dim, "lin2")(hidden)
         return nn.Dropout(config.dropout)(hidden, deterministic=deterministic, rng=dropout_key)
 
 
 class TransformerBlock(nn.Module):
     config: ModelConfig
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
                  cls_only: bool = False, dropout_keys: jax.Array | None = None) -> jax.Array:
-        """``dropout_keys [2, ...]``: the attention and the FFN dropout's keys (default: flax's)."""
+        """``dropout_keys [2, ...]``: the attention and the FFN dropout's keys (default: flax's, from
+        the module path; a caller that runs the block outside its usual place passes them)."""
+        config, precision = self.config, self.precision
         keys = (None, None) if dropout_keys is None else (dropout_keys[0], dropout_keys[1])
-        attended = MultiHeadSelfAttention(self.config, name="attention")(hidden, attention_mask, deterministic, cls_only,
-                                                                          keys[0])
+        attended = MultiHeadSelfAttention(config, precision, name="attention")(hidden, attention_mask, deterministic,
+                                                                               cls_only, keys[0])
         if cls_only:
             hidden = hidden[:, :1]
-        hidden = _layer_norm(self.config, "sa_layer_norm")(attended + hidden)
-        transformed = FFN(self.config, name="ffn")(hidden, deterministic, keys[1])
-        return _layer_norm(self.config, "output_layer_norm")(transformed + hidden)
-
-
-# The dropout sites of a block, as flax names their scopes (each Dropout draws its first key: counter 1).
-BLOCK_DROPOUT_SITES = (("attention", "Dropout_0", 1), ("ffn", "Dropout_0", 1))
-
-
-def flax_rng_hash(suffix: tuple[str | int, ...]) -> int:
-    """The 32-bit number flax folds into a root key for the scope path ``suffix`` (``LazyRng``'s
-    ``_fold_in_static``): a module's dropout key is ``fold_in(root, flax_rng_hash(path + (counter,)))``."""
-    import flax
-
-    digest = hashlib.sha1()
-    for part in suffix:
-        if flax.config.flax_fix_rng_separator:
-            digest.update(b"\00")
-        digest.update(part.encode("utf-8") if isinstance(part, str) else part.to_bytes((part.bit_length() + 7) // 8, "big"))
-    return int.from_bytes(digest.digest()[:4], byteorder="big")
-
-
-class _LayerStep(nn.Module):
-    """One block as a step of ``nn.scan``: ``(hidden, the layer's dropout keys)`` -> ``(hidden, None)``."""
-
-    config: ModelConfig
-    deterministic: bool
-
-    @nn.compact
-    def __call__(self, hidden: jax.Array, dropout_keys: jax.Array, attention_mask: jax.Array):
-        block = TransformerBlock(self.config, name="block")
-        return block(hidden, attention_mask, self.deterministic, dropout_keys=dropout_keys), None
+        hidden = _layer_norm(config, precision, "sa_layer_norm")(attended + hidden)
+        transformed = FFN(config, precision, name="ffn")(hidden, deterministic, keys[1])
+        return _layer_norm(config, precision, "output_layer_norm")(transformed + hidden)
 
 
 class TransformerLayers(nn.Module):
-    """The ``layer`` list: blocks named ``0`` .. ``n_layers-1`` as in the HF state dict.
-
-    ``scan=True`` runs the first ``n_layers-1`` blocks as one ``nn.scan`` over stacked parameters
-    (``scan/block/...``, a leading layer axis: ``stack_layers``), so they compile once, and the last
-    block as ``n_layers-1``. Its dropout keys are the ones flax derives for the unrolled blocks'
-    paths, so both forms compute the same function, dropout included.
-    """
+    """The ``layer`` list: blocks named ``0`` .. ``n_layers-1`` as in the HF state dict."""
 
     config: ModelConfig
-    scan: bool = False
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
                  cls_only: bool = False) -> jax.Array:
         last = self.config.n_layers - 1
-        if not self.scan:
-            for index in range(self.config.n_layers):
-                hidden = TransformerBlock(self.config, name=str(index))(
-                    hidden, attention_mask, deterministic, cls_only and index == last)
-            return hidden
-        if last:
-            scanned = nn.scan(_LayerStep, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(0, nn.broadcast), length=last)
-            hidden, _ = scanned(self.config, deterministic, name="scan")(hidden, self._dropout_keys(deterministic),
-                                                                         attention_mask)
-        return TransformerBlock(self.config, name=str(last))(hidden, attention_mask, deterministic, cls_only)
-
-    def _dropout_keys(self, deterministic: bool) -> jax.Array:
-        """``[n_layers-1, 2, *key]``: for each scanned block, the keys flax gives its unrolled twin."""
-        last = self.config.n_layers - 1
-        if deterministic or not self.has_rng("dropout"):
-            return jnp.zeros((last, len(BLOCK_DROPOUT_SITES), 2), jnp.uint32)
-        lazy = self.scope.rngs["dropout"]
-        hashes = np.array([[flax_rng_hash(tuple(lazy.suffix) + (str(i),) + site) for site in BLOCK_DROPOUT_SITES]
-                           for i in range(last)], np.uint32)
-        return jax.vmap(jax.vmap(lambda h: jax.random.fold_in(lazy.rng, h)))(jnp.asarray(hashes))
-
-
-def stack_layers(params: dict, n_layers: int) -> dict:
-    """Per-layer parameters (``.../transformer/layer/0`` .. ``/n-1``, the HF-named tree) -> the scanned
-    model's: layers ``0..n-2`` stacked under ``layer/scan/block``, the last as ``layer/n-1``."""
-    return _map_layers(params, lambda layers: {
-        "scan": {"block": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
-                                                 *[layers[str(i)] for i in range(n_layers - 1)])},
-        str(n_layers - 1): layers[str(n_layers - 1)]} if n_layers > 1 else layers)
-
-
-def unstack_layers(params: dict, n_layers: int) -> dict:
-    """The inverse of ``stack_layers``."""
-    def split(layers):
-        if n_layers == 1:
-            return layers
-        stacked = layers["scan"]["block"]
-        out = {str(i): jax.tree_util.tree_map(lambda x, i=i: np.asarray(x)[i], stacked) for i in range(n_layers - 1)}
-        out[str(n_layers - 1)] = layers[str(n_layers - 1)]
-        return out
-
-    return _map_layers(params, split)
-
-
-def _map_layers(params: dict, fn) -> dict:
-    """``params`` with its ``transformer/layer`` subtree replaced by ``fn(subtree)`` (with or without the head)."""
-    encoder = params.get("distilbert", params)
-    layers = encoder["transformer"]["layer"]
-    new_encoder = {**encoder, "transformer": {**encoder["transformer"], "layer": fn(layers)}}
-    return {**params, "distilbert": new_encoder} if "distilbert" in params else new_encoder
+        for index in range(self.config.n_layers):
+            hidden = TransformerBlock(self.config, self.precision, name=str(index))(
+                hidden, attention_mask, deterministic, cls_only and index == last)
+        return hidden
 
 
 class Transformer(nn.Module):
     config: ModelConfig
-    scan: bool = False
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
                  cls_only: bool = False) -> jax.Array:
-        return TransformerLayers(self.config, self.scan, name="layer")(hidden, attention_mask, deterministic, cls_only)
+        return TransformerLayers(self.config, self.precision, name="layer")(hidden, attention_mask, deterministic,
+                                                                            cls_only)
 
 
 class DistilBertModel(nn.Module):
@@ -338,12 +269,10 @@ class DistilBertModel(nn.Module):
     last block then queries from that position alone (every position is still a key and value), so
     its attention, output projection and FFN skip the other positions' rows: the same [CLS] state
     for ~1/n_layers less work (14% of DistilBERT-base's matmul FLOPs at 128 tokens).
-
-    ``scan_layers=True``: the blocks run as one scan over stacked parameters (``TransformerLayers``).
     """
 
     config: ModelConfig
-    scan_layers: bool = False
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(
@@ -355,9 +284,9 @@ class DistilBertModel(nn.Module):
     ) -> jax.Array:
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        hidden = Embeddings(self.config, name="embeddings")(input_ids, deterministic)
-        return Transformer(self.config, self.scan_layers, name="transformer")(hidden, attention_mask, deterministic,
-                                                                              cls_only)
+        hidden = Embeddings(self.config, self.precision, name="embeddings")(input_ids, deterministic)
+        return Transformer(self.config, self.precision, name="transformer")(hidden, attention_mask, deterministic,
+                                                                            cls_only)
 
 
 class DistilBertForSequenceClassification(nn.Module):
@@ -368,15 +297,12 @@ class DistilBertForSequenceClassification(nn.Module):
     ``cls_only=False`` runs the last block over every position, as transformers does (the
     bench's before/after comparison, ``bench/throughput.py --variant allrows``).
 
-    ``scan_layers=True`` takes the parameters as ``stack_layers`` lays them out and compiles the
-    blocks once (the trainer's form); the default takes them named like the HF state dict.
-
     ``input_ids, attention_mask [batch, seq]`` -> float32 logits ``[batch, num_labels]``.
     """
 
     config: ModelConfig
+    precision: Precision = Precision()
     cls_only: bool = True
-    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -385,18 +311,18 @@ class DistilBertForSequenceClassification(nn.Module):
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
     ) -> jax.Array:
-        config = self.config
-        hidden = DistilBertModel(config, self.scan_layers, name="distilbert")(input_ids, attention_mask, deterministic,
-                                                                            cls_only=self.cls_only)
-        pooled = _dense(config, config.dim, "pre_classifier")(hidden[:, 0])
+        config, precision = self.config, self.precision
+        hidden = DistilBertModel(config, precision, name="distilbert")(input_ids, attention_mask, deterministic,
+                                                                       cls_only=self.cls_only)
+        pooled = _dense(config, precision, config.dim, "pre_classifier")(hidden[:, 0])
         pooled = nn.relu(pooled)
         pooled = nn.Dropout(config.seq_classif_dropout)(pooled, deterministic=deterministic)
-        logits = _dense(config, config.num_labels, "classifier")(pooled)
+        logits = _dense(config, precision, config.num_labels, "classifier")(pooled)
         return logits.astype(jnp.float32)
 
 
 def init_params(config: ModelConfig, rng: jax.Array | int = 0) -> dict:
-    """Freshly initialised parameters of ``DistilBertForSequenceClassification`` (HF's init scheme)."""
+    """Freshly initialised float32 parameters of ``DistilBertForSequenceClassification`` (HF's init scheme)."""
     if isinstance(rng, int):
         rng = jax.random.PRNGKey(rng)
     dummy = jnp.zeros((1, 8), jnp.int32)

@@ -21,17 +21,18 @@ import os
 import sys
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from flaxsst import cli
-from flaxsst.config import ModelConfig, parse_dtype
+from flaxsst.config import ModelConfig
 from flaxsst.data import pick_length
 from flaxsst.errors import ConfigError, DataError
 from flaxsst.metrics import softmax
-from flaxsst.model import DistilBertForSequenceClassification
+from flaxsst.model import DistilBertForSequenceClassification, Precision
 from flaxsst.runtime import enable_compilation_cache
 from flaxsst.tokenizer import Tokenizer, pad_right
 
@@ -64,7 +65,8 @@ class Classifier:
     """Sequence classification with a flaxsst DistilBERT.
 
     ``clf(texts)`` -> ``[{"label": ..., "score": ...}, ...]``; ``clf.logits(texts)`` ->
-    float32 ``[n, num_labels]``.
+    float32 ``[n, num_labels]``. ``dtype`` is the compute dtype; ``model`` replaces the flax module
+    applied to the parameters (default: ``DistilBertForSequenceClassification`` in ``dtype``).
     """
 
     def __init__(
@@ -75,6 +77,8 @@ class Classifier:
         *,
         batch_size: int = 128,
         max_length: int = 128,
+        dtype: Any = jnp.float32,
+        model: nn.Module | None = None,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1")
@@ -88,8 +92,8 @@ class Classifier:
         self.batch_size = batch_size
         self.max_length = max_length
         self.buckets = length_buckets(max_length)
-        model = DistilBertForSequenceClassification(config)
-        self._forward = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask, deterministic=True))
+        self.model = model or DistilBertForSequenceClassification(config, Precision(dtype))
+        self.forward = jax.jit(lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, deterministic=True))
 
     @classmethod
     def from_pretrained(
@@ -107,9 +111,9 @@ class Classifier:
         from flaxsst.hub import resolve_model_dir
 
         folder = resolve_model_dir(name_or_path, **hub_kwargs)
-        config, params = load_pretrained(folder, dtype=parse_dtype(dtype))
+        config, params = load_pretrained(folder)
         tokenizer = Tokenizer.from_pretrained(folder, max_length)
-        return cls(config, params, tokenizer, batch_size=batch_size, max_length=max_length)
+        return cls(config, params, tokenizer, batch_size=batch_size, max_length=max_length, dtype=dtype)
 
     def _row_count(self, n: int) -> int:
         rows = 1
@@ -138,15 +142,16 @@ class Classifier:
         for start in batches:
             chunk = order[start : start + self.batch_size]
             length = pick_length(max(len(ids[i]) for i in chunk), self.buckets, self.max_length)
-            pending.append((chunk, self._run_batch([ids[i] for i in chunk], self._row_count(len(chunk)), length)))
+            pending.append((chunk, self.forward_batch([ids[i] for i in chunk], self._row_count(len(chunk)), length)))
         for chunk, logits in pending:
             out[chunk] = np.asarray(logits)[: len(chunk)]
         return out
 
-    def _run_batch(self, ids: list[list[int]], rows: int, length: int) -> jax.Array:
-        """One padded batch on the device -> its logits ``[rows, num_labels]`` (not yet fetched)."""
+    def forward_batch(self, ids: list[list[int]], rows: int, length: int) -> jax.Array:
+        """The one place a batch goes to the device: token ids padded to ``rows`` x ``length`` ->
+        logits ``[rows, num_labels]`` (not yet fetched)."""
         input_ids, mask = pad_right(ids, rows, length, self.tokenizer.pad_id)
-        return self._forward(self.params, input_ids, mask)
+        return self.forward(self.params, input_ids, mask)
 
     def __call__(self, texts: Sequence[str] | str, progress: bool | None = None) -> list[dict[str, Any]]:
         """``[{"label": "POSITIVE", "score": 0.9998}, ...]``, one per text, in input order."""

@@ -282,8 +282,12 @@ def plot(rows: list[dict], summary: dict, path: Path, title: str, long_list: int
     ax.barh(y, values, color=colors, height=0.75)
     ax.set_yticks(y, [fillers[i] for i in chosen], fontsize=8 if len(chosen) > 30 else 9)
     for yy, v in zip(y, values):
-        ax.text(min(v + 0.01, 0.9), yy, f"{v:.2f}", va="center", fontsize=7)
-    ax.axvline(0.5, color="black", linestyle="--", linewidth=1)
+        if v > 0.88:  # no room right of the bar: the figure goes inside its end
+            ax.text(v - 0.01, yy, f"{v:.2f}", va="center", ha="right", fontsize=7, color="white", zorder=3)
+        else:
+            ax.text(v + 0.01, yy, f"{v:.2f}", va="center", fontsize=7, zorder=3,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+    ax.axvline(0.5, color="black", linestyle="--", linewidth=1, zorder=2)
     ax.set(xlim=(0, 1), xlabel="P(POSITIVE)", ylim=(-1, y[-1] + 1))
     if many:
         ax.axhline(shown, color="grey", linewidth=0.8, linestyle=":")
@@ -313,8 +317,14 @@ def console_summary(summary: dict, fillers: Fillers, model: str) -> str:
         lines += [f"  spread {t['spread']:.3f} for {t['template']!r}" for t in summary["per_template"]]
     for group, figures in summary.get("per_group", {}).items():
         lines.append(f"  {group}: mean {figures['mean']:.3f} (min {figures['min']:.3f}, max {figures['max']:.3f}, "
-                     f"{figures['fillers']} fillers)")
+                     f"{figures['fillers']} filler{'s' if figures['fillers'] != 1 else ''})")
     return "\n".join(lines)
+
+
+def model_label(model: str) -> str:
+    """A short name for the plot title: a hub id as is, a local folder as its last two parts."""
+    path = Path(str(model))
+    return "/".join(path.parts[-2:]) if path.exists() else str(model)
 
 
 def run_probe(model: str, templates: list[str], fillers: Fillers, output: Path, dtype: str = "float32",
@@ -329,7 +339,7 @@ def run_probe(model: str, templates: list[str], fillers: Fillers, output: Path, 
     write_csv(rows, output / "probe.csv")
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     title = " | ".join(templates) if len(templates) <= 2 else f"{len(templates)} templates, mean per filler"
-    plot(rows, summary, output / "probe.png", f"{title}  ({fillers.name}, {Path(str(model)).name})")
+    plot(rows, summary, output / "probe.png", f"{title}  ({fillers.name}, {model_label(model)})")
     return summary
 
 

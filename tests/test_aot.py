@@ -130,8 +130,8 @@ def _tiny(*overrides):
 
 def _state_bytes(config) -> int:
     """Parameters plus both AdamW moments, float32, worked out from the config's shapes by hand."""
-    m = config.model
-    vocab, dim, hidden, layers, positions = 30522, m.dim, m.hidden_dim, m.n_layers, m.max_position_embeddings
+    m = config.model.config  # tiny.yaml's shape; positions: DistilBERT's 512
+    vocab, dim, hidden, layers, positions = 30522, m["dim"], m["hidden_dim"], m["n_layers"], 512
     per_layer = 4 * (dim * dim + dim) + 2 * dim + (dim * hidden + hidden) + (hidden * dim + dim) + 2 * dim
     params = vocab * dim + positions * dim + 2 * dim + layers * per_layer + (dim * dim + dim) + (dim * 2 + 2)
     return 3 * 4 * params
@@ -162,7 +162,7 @@ def test_tiny_steps_compile_for_a_two_host_slice():
 
 @needs_libtpu
 def test_a_config_that_cannot_fit_reports_fits_false_with_its_figures():
-    config = _tiny("model.dim=4096", "model.n_heads=32", "model.hidden_dim=131072", "data.length_buckets=[32]")
+    config = _tiny("model.config.dim=4096", "model.config.n_heads=32", "model.config.hidden_dim=131072", "data.length_buckets=[32]")
     (train,) = [r for r in compile_run(config, parse_slice("v5e:2x2"), log=lambda line: None) if r["program"] == "train"]
     assert train["memory"]["fits"] is False
     assert train["memory"]["total"] > train["memory"]["hbm"] == 16 * 2**30

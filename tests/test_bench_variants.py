@@ -1,22 +1,17 @@
-"""The candidate steps of bench/step_variants.py do the trainer's math (so bench figures compare like with like)."""
+"""The candidates of bench/ do the trainer's math (so bench figures compare like with like)."""
 
 import functools
-import sys
-from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bench import step_variants
 from flaxsst.config import TrainSection
 from flaxsst.convert import config_from_hf
-from flaxsst.model import init_params
-from flaxsst.parallel import replicate, shard, unreplicate
+from flaxsst.model import Precision, init_params
+from flaxsst.parallel import put_batch, replicate, unreplicate
 from tests.fixtures import random_ids, tiny_hf_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import step_variants
 
 
 def _batches(n, rows=8, seq=16, vocab=120):
@@ -30,68 +25,65 @@ def _batches(n, rows=8, seq=16, vocab=120):
 
 
 @functools.cache
-def _run(variant, dtype, n_batches=4, devices=2, dropout=0.1):
+def _run(variant, dtype="float32", n_batches=4, dropout=0.1):
+    devices = jax.devices()[:2]
     batches = _batches(n_batches)
-    config, _ = config_from_hf(tiny_hf_config(120, dropout=dropout, attention_dropout=dropout,
-                                              seq_classif_dropout=dropout).to_dict(), dtype=dtype)
+    config, _ = config_from_hf(tiny_hf_config(120, n_layers=3, dropout=dropout, attention_dropout=dropout,
+                                              seq_classif_dropout=dropout).to_dict())
     params = init_params(config, 0)
     train = TrainSection(learning_rate=1e-3, warmup_steps=1)
-    step, state, k, layout = step_variants.build(variant, step_variants.model_for(variant, config), params,
-                                                 train, 10, dtype)
-    mapped = step_variants.pmapped(step)
-    state = replicate(state, jax.devices()[:devices])
+    step, state, k, layout = step_variants.build(variant, config, Precision(dtype), params, train, 10)
+    mapped = step_variants.pmapped(step, devices)
+    state = replicate(state, devices)
     grad_norms = []
     for start in range(0, len(batches), k):
-        group = batches[start:start + k]
-        if k > 1:
-            stacked = {key: np.stack([shard(b, devices)[key] for b in group], axis=1) for key in group[0]}
-        else:
-            stacked = shard(group[0], devices)
+        group = [put_batch(b, devices) for b in batches[start:start + k]]
+        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs, axis=1), *group) if k > 1 else group[0]
         state, metrics = mapped(state, stacked)
         grad_norms += list(np.ravel(unreplicate(metrics)["grad_norm"]))
     return layout.unpack(unreplicate(state).params), grad_norms
 
 
-@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-5)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("variant", ["flat", "scan4", "flat_scan4"])
-def test_variant_steps_equal_the_trainers_step(variant, dtype, atol):
-    expected, expected_norms = _run("base", dtype)
-    got, norms = _run(variant, dtype)
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
-        assert a.shape == b.shape and a.dtype == np.float32
-        np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+@pytest.mark.parametrize("variant", ["tree", "flat", "stacked", "scan4"])
+def test_candidate_steps_equal_the_trainers_step_dropout_included(variant):
+    """Four steps with dropout: the layouts hold the same parameters, and the scanned blocks draw the
+    dropout masks the unrolled ones draw."""
+    expected, expected_norms = _run("grouped")
+    got, norms = _run(variant)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
     np.testing.assert_allclose(norms, expected_norms, rtol=1e-4)
-    start = init_params(config_from_hf(tiny_hf_config(120).to_dict())[0], 0)
+    start = init_params(config_from_hf(tiny_hf_config(120, n_layers=3).to_dict())[0], 0)
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(start)))
     assert moved > 1e-3  # four steps at lr 1e-3 really moved the weights
 
 
-@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-5)], ids=["fp32", "bf16"])
-def test_allrows_variant_trains_as_the_cls_only_classifier(dtype, atol):
+def test_allrows_variant_trains_as_the_cls_only_classifier():
     """The before/after of the [CLS]-only last block: with dropout off (the other positions' rows
     of the last block draw dropout bits too), four steps with the last block over every position
     end where the [CLS]-only classifier does."""
-    assert step_variants.model_for("base", None).cls_only and not step_variants.model_for("allrows", None).cls_only
-    expected, expected_norms = _run("base", dtype, dropout=0.0)
-    got, norms = _run("allrows", dtype, dropout=0.0)
+    config = config_from_hf(tiny_hf_config(120).to_dict())[0]
+    assert step_variants.model_for("grouped", config).cls_only and not step_variants.model_for("allrows", config).cls_only
+    expected, expected_norms = _run("grouped", dropout=0.0)
+    got, norms = _run("allrows", dropout=0.0)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
     np.testing.assert_allclose(norms, expected_norms, rtol=1e-4)
 
 
 def test_variant_names_are_parsed_and_bad_ones_named():
-    assert step_variants.parse("base") == ("tree", 1)
-    assert step_variants.parse("allrows") == ("tree", 1)
+    assert step_variants.parse("grouped") == ("grouped", 1)
+    assert step_variants.parse("allrows") == ("grouped", 1)
     assert step_variants.parse("flat") == ("flat", 1)
-    assert step_variants.parse("scan4") == ("tree", 4)
-    assert step_variants.parse("flat_scan8") == ("flat", 8)
+    assert step_variants.parse("scan4") == ("grouped", 4)
+    assert step_variants.parse("stacked_scan8") == ("stacked", 8)
     with pytest.raises(ValueError, match="variant 'fused'"):
         step_variants.parse("fused")
 
 
 def test_packed_classifier_equals_the_classifier(tiny_model_dir):
-    import classifier_variants
-
+    from bench import classifier_variants
     from flaxsst.predict import Classifier
 
     texts = ["a good film", "", "bad " * 300, "so-so, really", "x"]
@@ -107,7 +99,7 @@ def test_trace_summary_counts_kernels_busy_time_and_span_per_step(tmp_path):
     import gzip
     import json
 
-    import throughput
+    from bench import throughput
 
     events = [
         {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},

@@ -134,13 +134,13 @@ def test_a_rerun_may_change_how_often_it_logs_but_not_what_it_computes(tmp_path)
                                                   "train.max_steps=40", "data.cache_dir=/tmp/x"])
     assert config_differences(saved, free) == []
     changed = load_train_config(CONF / "tiny.yaml", ["train.global_batch_size=16", "train.learning_rate=1e-3",
-                                                     "train.seed=3", "model.dim=64", "data.path=/data/sst2"])
+                                                     "train.seed=3", "model.config.dim=64", "data.path=/data/sst2"])
     assert config_differences(saved, changed) == [
-        "model.dim: 32 -> 64", "data.path: 'synthetic' -> '/data/sst2'", "train.learning_rate: 0.003 -> 0.001",
+        "model.config.dim: 32 -> 64", "data.path: 'synthetic' -> '/data/sst2'", "train.learning_rate: 0.003 -> 0.001",
         "train.global_batch_size: 32 -> 16", "train.seed: 0 -> 3"]
     write_config(tmp_path, saved)
     check_resumable(tmp_path, free)
-    with pytest.raises(ConfigError, match=r"holds a run started with another config \(model.dim: 32 -> 64; .*use a new --workdir"):
+    with pytest.raises(ConfigError, match=r"holds a run started with another config \(model.config.dim: 32 -> 64; .*use a new --workdir"):
         check_resumable(tmp_path, changed)
 
 

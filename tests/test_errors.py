@@ -52,7 +52,7 @@ def _train(t: Path, m: Path, *overrides: str) -> list[str]:
 
 
 def _train_on(t: Path, m: Path, train_tsv: bytes) -> list[str]:
-    return _train(t, m, f"model.init={m}", f"data.path={_glue(t / 'glue', train=train_tsv)}")
+    return _train(t, m, f"model.pretrained={m}", f"data.path={_glue(t / 'glue', train=train_tsv)}")
 
 
 # (id, build(tmp, model) -> (argv, stdin), the texts the one line must contain)
@@ -78,25 +78,25 @@ CASES = [
      ["train.global_batch_size=12 does not divide evenly over 8 devices"]),
     ("sequence-over-random-init-positions", lambda t, m: (_train(t, m, "data.max_seq_length=100000"), None),
      ["data.max_seq_length=100000", "max_position_embeddings=512"]),
-    ("sequence-over-checkpoint-positions", lambda t, m: (_train(t, m, f"model.init={m}", "data.max_seq_length=100000"), None),
+    ("sequence-over-checkpoint-positions", lambda t, m: (_train(t, m, f"model.pretrained={m}", "data.max_seq_length=100000"), None),
      ["data.max_seq_length=100000", "max_position_embeddings=128", "tiny-hf"]),
-    ("data-folder-missing", lambda t, m: (_train(t, m, f"model.init={m}", f"data.path={t / 'nope'}"), None),
+    ("data-folder-missing", lambda t, m: (_train(t, m, f"model.pretrained={m}", f"data.path={t / 'nope'}"), None),
      ["data.path=", "nope does not exist"]),
-    ("data-hub-offline", lambda t, m: (_train(t, m, f"model.init={m}", "data.path=glue/sst2"), None),
+    ("data-hub-offline", lambda t, m: (_train(t, m, f"model.pretrained={m}", "data.path=glue/sst2"), None),
      ["data.path=glue/sst2 is neither a local folder or file nor a hub data set", "HF_HUB_OFFLINE=1",
       "pass data.path=<a GLUE folder"]),
     ("model-hub-offline", lambda t, m: (["train.py", "--config", "conf/sst2.yaml", "--workdir", str(t / "w"),
                                          f"data.path={_glue(t / 'glue')}"], None),
-     ["model.init=distilbert-base-uncased is neither a local folder nor a hub model", "pass model.init=<a local folder"]),
+     ["model.pretrained=distilbert-base-uncased is neither a local folder nor a hub model", "pass model.pretrained=<a local folder"]),
     ("data-empty-train-file", lambda t, m: (_train_on(t, m, EMPTY), None), ["train.tsv is empty"]),
     ("data-not-utf8", lambda t, m: (_train_on(t, m, NOT_UTF8), None), ["train.tsv: line 3 is not UTF-8"]),
     ("data-bad-label", lambda t, m: (_train_on(t, m, BAD_LABEL), None), ["train.tsv: row 2 (line 3): label 7 is not one of the model's labels"]),
     ("data-missing-column", lambda t, m: (_train_on(t, m, NO_SENTENCE), None), ["train.tsv: no column 'sentence'"]),
-    ("model-truncated-weights", lambda t, m: (_train(t, m, f"model.init={_model(t, m, lambda d: _truncate(d / 'model.safetensors'))}"), None),
+    ("model-truncated-weights", lambda t, m: (_train(t, m, f"model.pretrained={_model(t, m, lambda d: _truncate(d / 'model.safetensors'))}"), None),
      ["model.safetensors is not a readable safetensors file"]),
-    ("model-garbage-config", lambda t, m: (_train(t, m, f"model.init={_model(t, m, lambda d: _write(d / 'config.json', GARBAGE_JSON))}"), None),
+    ("model-garbage-config", lambda t, m: (_train(t, m, f"model.pretrained={_model(t, m, lambda d: _write(d / 'config.json', GARBAGE_JSON))}"), None),
      ["config.json:1: not valid JSON"]),
-    ("model-without-tokenizer", lambda t, m: (_train(t, m, f"model.init={_model(t, m, lambda d: [(d / n).unlink() for n in ('tokenizer.json', 'vocab.txt')])}"), None),
+    ("model-without-tokenizer", lambda t, m: (_train(t, m, f"model.pretrained={_model(t, m, lambda d: [(d / n).unlink() for n in ('tokenizer.json', 'vocab.txt')])}"), None),
      ["has no tokenizer: neither tokenizer.json nor vocab.txt"]),
     ("evaluate-model-missing", lambda t, m: (["evaluate.py", "--model", str(t / "nope"), "--config", "conf/tiny.yaml"], None),
      ["--model=", "nope does not exist"]),

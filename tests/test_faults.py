@@ -22,7 +22,7 @@ SEED = 20261123
 # conf/tiny.yaml, 60 steps (10 per epoch): a save every 3 steps, an evaluation every epoch.
 RUN = ["conf/tiny.yaml", "data.synthetic_train_size=300", "data.synthetic_eval_size=64", "train.num_epochs=6",
        "train.checkpoint_every_steps=3", "train.log_every_steps=2", "train.keep_checkpoints=2",
-       "model.dropout=0.1", "model.attention_dropout=0.1", "train.eval_batch_size=32"]
+       "model.config.dropout=0.1", "model.config.attention_dropout=0.1", "train.eval_batch_size=32"]
 
 
 def _train_args(workdir: Path, *extra: str) -> list[str]:

@@ -9,7 +9,7 @@ import transformers
 
 from flaxsst.config import ModelConfig
 from flaxsst.convert import config_from_hf, load_pretrained, state_dict_to_params
-from flaxsst.model import DistilBertForSequenceClassification, DistilBertModel, init_params
+from flaxsst.model import DistilBertForSequenceClassification, DistilBertModel, Precision, init_params
 from tests.fixtures import random_ids
 
 
@@ -22,8 +22,9 @@ def _hf_logits(model, ids, mask) -> np.ndarray:
         return model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
 
 
-def _flax_logits(config, params, ids, mask) -> np.ndarray:
-    return np.asarray(DistilBertForSequenceClassification(config).apply({"params": params}, ids, mask, deterministic=True))
+def _flax_logits(config, params, ids, mask, precision=Precision()) -> np.ndarray:
+    return np.asarray(DistilBertForSequenceClassification(config, precision).apply({"params": params}, ids, mask,
+                                                                                   deterministic=True))
 
 
 @pytest.mark.parametrize(
@@ -130,8 +131,6 @@ def test_real_pretrained_minilm_equals_transformers(test_data):
 def test_bf16_with_float32_residual_is_as_close_to_fp32_as_torch_autocast(test_data):
     """bf16 drift from fp32 on real weights and SST-2 sentences: ours with a float32 residual stream
     within 1.3x of PyTorch autocast's (bf16 matmuls, fp32 norms and adds); all-bf16 is further off."""
-    import dataclasses
-
     from flaxsst.tokenizer import Tokenizer, pad_right
 
     folder = test_data / "minilm-l6"
@@ -143,8 +142,8 @@ def test_bf16_with_float32_residual_is_as_close_to_fp32_as_torch_autocast(test_d
     real = mask.astype(bool)
 
     def ours(**dtypes):
-        c = dataclasses.replace(config, **dtypes)
-        out = DistilBertModel(c).apply({"params": params["distilbert"]}, input_ids, mask, deterministic=True)
+        out = DistilBertModel(config, Precision(**dtypes)).apply({"params": params["distilbert"]}, input_ids, mask,
+                                                                 deterministic=True)
         return np.asarray(out.astype(jnp.float32))
 
     def drift(x, exact):
@@ -191,18 +190,20 @@ def test_half_precision_compute_masks_safely_and_stays_close_to_fp32(dtype):
     params, _ = state_dict_to_params(_torch_state(reference), config, family)
     ids, mask = random_ids(np.random.default_rng(3), batch=6, seq=40, vocab=hf_config.vocab_size)
     mask[1, 1:] = 0  # a row that is all padding but [CLS]
-    half = _flax_logits(config.replace(dtype=dtype), params, ids, mask)
+    half = _flax_logits(config, params, ids, mask, Precision(dtype))
     assert half.dtype == np.float32 and np.isfinite(half).all()
     np.testing.assert_allclose(half, _hf_logits(reference, ids, mask), atol=5e-2, rtol=0)
 
 
-def test_param_dtype_sets_storage_and_dtype_sets_compute():
-    config = ModelConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=64, vocab_size=50, max_position_embeddings=16,
-                         dtype="bfloat16", param_dtype="bfloat16")
+def test_parameters_are_float32_and_precision_sets_the_compute_dtype():
+    config = ModelConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=64, vocab_size=50, max_position_embeddings=16)
     params = init_params(config)
-    assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
-    stored_fp32 = init_params(config.replace(param_dtype=jnp.float32))
-    assert {x.dtype for x in jax.tree_util.tree_leaves(stored_fp32)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+    ids = np.ones((2, 8), np.int32)
+    hidden = DistilBertModel(config, Precision("bfloat16")).apply({"params": params["distilbert"]}, ids)
+    assert hidden.dtype == jnp.bfloat16
+    autocast = DistilBertModel(config, Precision("bfloat16", "float32")).apply({"params": params["distilbert"]}, ids)
+    assert autocast.dtype == jnp.float32  # the residual stream (LayerNorm outputs) in float32
 
 
 def test_sequence_longer_than_position_table_is_a_clear_error():

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 
 from tests.multihost_case import one_step, tiny_training_run
 
@@ -35,15 +34,14 @@ def _two_processes(tmp_path, *args):
     return [dict(np.load(tmp_path / f"params-{i}.npz")) for i in range(2)]
 
 
-@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
-def test_two_processes_end_with_identical_params_equal_to_one_process(tmp_path, kind):
-    first, second = _two_processes(tmp_path, kind)
+def test_two_processes_end_with_identical_params_equal_to_one_process(tmp_path):
+    first, second = _two_processes(tmp_path)
     assert first.keys() == second.keys()
     for key in first:
         np.testing.assert_array_equal(first[key], second[key])
     assert float(first["examples"]) == 6.0  # the psum saw both hosts' rows
 
-    params, examples = one_step(0, 1, devices=jax.devices()[:4], kind=kind)
+    params, examples = one_step(0, 1, devices=jax.devices()[:4])
     assert examples == 6.0
     single = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
     assert single.keys() == first.keys() - {"examples"}
@@ -55,9 +53,8 @@ def _flat(params):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
-@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
-def test_trainer_on_two_processes_equals_one_process_and_writes_once(tmp_path, kind):
-    first, second = _two_processes(tmp_path, kind, "train")
+def test_trainer_on_two_processes_equals_one_process_and_writes_once(tmp_path):
+    first, second = _two_processes(tmp_path, "train")
     for key in first:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
     run = tmp_path / "run"
@@ -68,7 +65,7 @@ def test_trainer_on_two_processes_equals_one_process_and_writes_once(tmp_path, k
     assert (run / "export" / "model.safetensors").is_file() and (run / "eval_results.json").is_file()
     assert json.loads((run / "eval_results.json").read_text())["num_examples"] == 60
 
-    single = _flat(tiny_training_run(str(tmp_path / "single"), kind).params)
+    single = _flat(tiny_training_run(str(tmp_path / "single")).params)
     assert single.keys() == first.keys() - {"examples"}
     for key, value in single.items():
         # k_lin biases have an exactly-zero gradient (softmax ignores a per-query shift), so Adam turns

@@ -53,7 +53,7 @@ def test_repeated_calls_reuse_a_few_compiled_shapes(tiny_model_dir):
         clf([" ".join(["film"] * int(rng.integers(0, 70))) for _ in range(n)])
     assert clf.buckets == (16, 32, 64)
     # at most (3 lengths) x (row counts 1, 2, 4, 8)
-    assert clf._forward._cache_size() <= 12
+    assert clf.forward._cache_size() <= 12
 
 
 def test_empty_list_gives_empty_list(clf):

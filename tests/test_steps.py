@@ -1,4 +1,5 @@
-"""pmap train steps against 1 device and against a PyTorch reference; the lr schedule against transformers."""
+"""Train steps on 8 devices against 1 device and against a PyTorch reference; the lr schedule against
+transformers; the parameter groups the state holds."""
 
 import jax
 import numpy as np
@@ -8,17 +9,12 @@ import transformers
 
 from flaxsst.config import TrainSection
 from flaxsst.convert import config_from_hf, state_dict_to_params
+from flaxsst.errors import ConfigError
 from flaxsst.model import DistilBertForSequenceClassification
-from flaxsst.parallel import DataParallel, shard
-from flaxsst.steps import (
-    AXIS,
-    FlatLayout,
-    create_train_state,
-    dropout_key,
-    linear_warmup_decay,
-    make_layout,
-    make_optimizer,
-)
+from flaxsst.optimizer import linear_warmup_decay, make_optimizer
+from flaxsst.param_groups import ParamGroups
+from flaxsst.parallel import pmap_train_step, put_batch, replicate, unreplicate
+from flaxsst.steps import AXIS, create_train_state, dropout_key
 from tests.fixtures import random_ids, tiny_hf_config
 
 
@@ -54,31 +50,27 @@ def _batch(rows, real, seq=24, seed=0):
             "labels": labels.astype(np.int32), "weights": weights}
 
 
-def _run_steps(config, params, batches, n_devices, train, total, kind="pmap", layout="tree"):
-    parallel = DataParallel(kind, jax.devices()[:n_devices])
-    layout = make_layout(layout, params, config.dtype)
-    optimizer = make_optimizer(train, total, layout)
-    step = parallel.train_step(DistilBertForSequenceClassification(config), optimizer,
-                               linear_warmup_decay(train.learning_rate, train.warmup_steps, total), layout=layout)
-    state = parallel.put_state(create_train_state(layout.pack(params), optimizer, seed=0))
+def _run_steps(config, params, batches, n_devices, train, total):
+    devices = jax.devices()[:n_devices]
+    groups = ParamGroups(params)
+    optimizer = make_optimizer(train, total, groups.decay_mask())
+    step = pmap_train_step(DistilBertForSequenceClassification(config), groups, optimizer,
+                           linear_warmup_decay(train.learning_rate, train.warmup_steps, total), devices)
+    state = replicate(create_train_state(groups.pack(params), optimizer, seed=0), devices)
     history = []
     for batch in batches:
-        state, metrics = step(state, parallel.put_batch(batch))
-        history.append(parallel.get(metrics))
-    return layout.unpack(parallel.get(state.params)), history
+        state, metrics = step(state, put_batch(batch, devices))
+        history.append(unreplicate(metrics))
+    return groups.unpack(unreplicate(state.params)), history
 
 
-MAPPINGS = [("pmap", "tree"), ("shard_map", "tree"), ("pmap", "flat")]
-
-
-@pytest.mark.parametrize("kind,layout", MAPPINGS)
 @pytest.mark.parametrize("real_rows", [32, 21], ids=["full-batch", "ragged-last-batch"])
-def test_one_step_on_8_devices_equals_1_device(real_rows, kind, layout):
+def test_one_step_on_8_devices_equals_1_device(real_rows):
     _, config, params = _tiny()
     train = TrainSection(learning_rate=1e-3, warmup_steps=0, weight_decay=0.01)
     batch = _batch(32, real_rows)
-    on_8, metrics_8 = _run_steps(config, params, [batch], 8, train, total=10, kind=kind, layout=layout)
-    on_1, metrics_1 = _run_steps(config, params, [batch], 1, train, total=10, kind=kind, layout=layout)
+    on_8, metrics_8 = _run_steps(config, params, [batch], 8, train, total=10)
+    on_1, metrics_1 = _run_steps(config, params, [batch], 1, train, total=10)
     for a, b in zip(jax.tree_util.tree_leaves(on_8), jax.tree_util.tree_leaves(on_1)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     assert metrics_8[0]["examples"] == metrics_1[0]["examples"] == real_rows
@@ -109,12 +101,11 @@ def _torch_reference_steps(hf, batches, train, total):
     return {k: v.detach().numpy() for k, v in hf.state_dict().items()}
 
 
-@pytest.mark.parametrize("kind,layout", MAPPINGS)
-def test_train_steps_equal_pytorch_adamw_clip_and_schedule(kind, layout):
+def test_train_steps_equal_pytorch_adamw_clip_and_schedule():
     hf, config, params = _tiny(seed=3)
     train = TrainSection(learning_rate=5e-3, warmup_steps=2, weight_decay=0.01, max_grad_norm=1.0)
     batches = [_batch(16, 16, seed=s) for s in range(3)] + [_batch(16, 9, seed=9)]
-    ours, _ = _run_steps(config, params, batches, 8, train, total=10, kind=kind, layout=layout)
+    ours, _ = _run_steps(config, params, batches, 8, train, total=10)
     reference = _torch_reference_steps(hf, batches, train, total=10)
     expected, _ = state_dict_to_params(reference, config, "distilbert")
     for path, (a, b) in zip(jax.tree_util.tree_leaves_with_path(ours),
@@ -135,25 +126,27 @@ def test_dropout_keys_differ_per_device_and_per_step():
 
 
 def test_batch_that_does_not_divide_over_devices_is_a_clear_error():
-    with pytest.raises(ValueError, match="a batch of 30 rows does not divide evenly over 8 devices"):
-        shard(_batch(30, 30), 8)
+    with pytest.raises(ConfigError, match="the batch's rows=30 does not divide evenly over 8 devices"):
+        put_batch(_batch(30, 30), jax.devices()[:8])
 
 
-def test_flat_layout_places_decayed_leaves_in_its_decay_ranges_and_round_trips():
+def test_parameter_groups_stack_alike_tensors_round_trip_and_decay_as_pytorch_groups():
     _, _, params = _tiny()
-    layout = FlatLayout(params, "bfloat16")
-    flat = layout.pack(params)
-    assert flat.shape == (sum(x.size for x in jax.tree_util.tree_leaves(params)),) and flat.dtype == np.float32
-    for a, b in zip(jax.tree_util.tree_leaves(layout.unpack(flat)), jax.tree_util.tree_leaves(params), strict=True):
+    groups = ParamGroups(params, "bfloat16")
+    packed = groups.pack(params)
+    assert sum(x.size for x in packed.values()) == sum(x.size for x in jax.tree_util.tree_leaves(params))
+    assert len(packed) < len(jax.tree_util.tree_leaves(params)) / 3  # 36 tensors of the tiny model in 9 groups
+    for a, b in zip(jax.tree_util.tree_leaves(groups.unpack(packed)), jax.tree_util.tree_leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
-    in_range = np.zeros(layout.size, bool)
-    for start, stop in layout.decay_ranges:
-        in_range[start:stop] = True
-    for path, leaf in jax.tree_util.tree_leaves_with_path(layout.unpack(np.arange(layout.size))):
+    decayed = groups.decay_mask()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         name = jax.tree_util.keystr(path)
-        decayed = not (name.endswith("'bias']") or "LayerNorm" in name or "layer_norm" in name)  # torch's groups, above
-        assert in_range[np.ravel(leaf).astype(int)].all() if decayed else not in_range[np.ravel(leaf).astype(int)].any(), name
-    viewed = jax.jit(layout.view)(flat)
+        torch_decays = not (name.endswith("'bias']") or "LayerNorm" in name or "layer_norm" in name)  # torch's groups, above
+        (group,) = [g for g, indices, _, _ in groups.groups
+                    if any(jax.tree_util.keystr(p) == name for i, (p, _) in enumerate(jax.tree_util.tree_leaves_with_path(params))
+                           if i in indices)]
+        assert decayed[group] == torch_decays, name
+    viewed = jax.jit(groups.view)(packed)
     for path, leaf in jax.tree_util.tree_leaves_with_path(viewed):
         name = jax.tree_util.keystr(path)
         assert leaf.dtype == (np.float32 if "LayerNorm" in name or "layer_norm" in name else jax.numpy.bfloat16), name

@@ -16,12 +16,12 @@ import transformers
 
 from flaxsst import Classifier
 from flaxsst.config import ConfigError, load_train_config
-from flaxsst.convert import load_pretrained
 from flaxsst.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic_train_size=300", "data.synthetic_eval_size=64", "train.num_epochs=2",
-         "train.checkpoint_every_steps=4", "train.log_every_steps=2", "model.dropout=0.1", "model.attention_dropout=0.1"]
+         "train.checkpoint_every_steps=4", "train.log_every_steps=2", "model.config.dropout=0.1",
+         "model.config.attention_dropout=0.1"]
 
 
 def _config(*overrides):
@@ -33,52 +33,30 @@ def _assert_bitwise_equal(a, b):
         assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
-def test_interrupted_and_rerun_training_equals_an_uninterrupted_run_bitwise(tmp_path, kind):
-    uninterrupted = Trainer(_config(f"train.parallel={kind}"), tmp_path / "a").run()
+def test_interrupted_and_rerun_training_equals_an_uninterrupted_run_bitwise(tmp_path):
+    uninterrupted = Trainer(_config(), tmp_path / "a").run()
     assert uninterrupted.finished and uninterrupted.step == 20  # ceil(300 / 32) = 10 steps x 2 epochs
 
     def interrupt_at_7(trainer, step):
         if step == 7:
             trainer.request_stop()
 
-    first = Trainer(_config(f"train.parallel={kind}"), tmp_path / "b", on_step=interrupt_at_7).run()
+    first = Trainer(_config(), tmp_path / "b", on_step=interrupt_at_7).run()
     assert not first.finished and first.step == 7
     assert (tmp_path / "b" / "checkpoints" / "7").is_dir()
-    resumed = Trainer(_config(f"train.parallel={kind}"), tmp_path / "b").run()
+    resumed = Trainer(_config(), tmp_path / "b").run()
     assert resumed.finished and resumed.step == 20
     _assert_bitwise_equal(uninterrupted.params, resumed.params)
     assert resumed.best_accuracy == uninterrupted.best_accuracy
-
-
-def test_flat_param_layout_trains_as_the_tree_layout_resumes_bitwise_and_refuses_the_other(tmp_path):
-    tree = Trainer(_config(), tmp_path / "tree").run()
-    flat = Trainer(_config("train.param_layout=flat"), tmp_path / "flat").run()
-    # The same math (dropout included): only the order of the global-norm sum differs.
-    for a, b in zip(jax.tree_util.tree_leaves(flat.params), jax.tree_util.tree_leaves(tree.params), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-    exported_flat = load_pretrained(tmp_path / "flat" / "export")[1]
-    exported_tree = load_pretrained(tmp_path / "tree" / "export")[1]
-    for a, b in zip(jax.tree_util.tree_leaves(exported_flat), jax.tree_util.tree_leaves(exported_tree), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-
-    def interrupt_at_7(trainer, step):
-        if step == 7:
-            trainer.request_stop()
-
-    assert not Trainer(_config("train.param_layout=flat"), tmp_path / "b", on_step=interrupt_at_7).run().finished
-    with pytest.raises(ConfigError, match=r"holds a run started with another config \(train.param_layout: 'flat' -> 'tree'\)"):
-        Trainer(_config(), tmp_path / "b").run()
-    resumed = Trainer(_config("train.param_layout=flat"), tmp_path / "b").run()
-    assert resumed.finished and resumed.step == 20
-    _assert_bitwise_equal(flat.params, resumed.params)
+    with pytest.raises(ConfigError, match=r"holds a run started with another config \(train.seed: 0 -> 1\)"):
+        Trainer(_config("train.seed=1"), tmp_path / "b").run()
 
 
 def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
     def poison(trainer, step):
         if step == 5:
-            trainer.pstate = trainer.pstate.replace(
-                params=jax.tree_util.tree_map(lambda x: x * np.nan, trainer.pstate.params))
+            trainer.state = trainer.state.replace(
+                params=jax.tree_util.tree_map(lambda x: x * np.nan, trainer.state.params))
 
     with pytest.raises(FloatingPointError, match=r"loss nan, gradient norm nan at step 6; last good checkpoint: .*checkpoints/4;"):
         Trainer(_config(), tmp_path, on_step=poison).run()
@@ -94,7 +72,7 @@ def test_train_py_on_tiny_yaml_end_to_end_learns_and_leaves_every_artifact(tmp_p
     result = _python("train.py", "--config", "conf/tiny.yaml", "--workdir", str(workdir))
     assert result.returncode == 0, result.stderr[-3000:]
     # Without a terminal: what compiles, a line per log_every_steps (20), every evaluation (per epoch: 63 steps).
-    assert "compiling 4 programs (train and eval at lengths 16, 32)" in result.stderr
+    assert "compiling 4 programs (train at lengths 16, 32, evaluation at 16, 32)" in result.stderr
     step_lines = [line for line in result.stderr.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in step_lines] == [f"{s}/252" for s in list(range(20, 252, 20)) + [252]]
     assert all(k in step_lines[0] for k in ("loss", "accuracy", "lr", "ex/s", "ETA"))
@@ -165,7 +143,7 @@ def test_the_load_report_is_logged_once(tmp_path, vocab_file, caplog):
     from tests.fixtures import tiny_hf_config
 
     transformers.DistilBertModel(tiny_hf_config(len(vocab_file.read_text().splitlines()))).save_pretrained(tmp_path)
-    config = _config(f"model.init={tmp_path}", f"model.tokenizer={vocab_file}")
+    config = _config(f"model.pretrained={tmp_path}", f"model.tokenizer={vocab_file}")
     with caplog.at_level("INFO"):
         build_model(config, build_tokenizer(config, tmp_path))
     reports = [r.getMessage() for r in caplog.records if "freshly initialised" in r.getMessage()]
