@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from flaxsst.errors import ConfigError
+from flaxsst.errors import ConfigError, yaml_error
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -197,7 +197,7 @@ RENAMED = {
 
 
 def config_keys(section: Any = TrainConfig, prefix: str = "") -> list[str]:
-    """Every dotted key of the training config: ``model.init`` ... ``distributed.process_id``."""
+    """Every dotted key of the training config: ``model.pretrained`` ... ``distributed.process_id``."""
     keys = []
     for field in dataclasses.fields(section):
         if dataclasses.is_dataclass(field.default_factory if field.default_factory is not dataclasses.MISSING else None):
@@ -303,12 +303,8 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()):
         raise ConfigError(f"config {path} includes itself through 'base'")
     try:
         raw = OmegaConf.load(path)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        raise ConfigError(f"{path}: cannot read the config: {e}") from None
+        raise yaml_error(path, e) from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:), got {type(raw).__name__}")
     base = raw.pop("base", None)

@@ -33,3 +33,14 @@ class WorkdirError(FlaxsstError):
 
 class Interrupted(FlaxsstError):
     """SIGTERM or Ctrl-C; the message says what was saved and how to resume."""
+
+
+def yaml_error(path, error: Exception) -> ConfigError:
+    """A YAML file that does not parse or cannot be read, as one line naming ``file:line:column``."""
+    import yaml
+
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        return ConfigError(f"{where}: invalid YAML: {error.problem or error.context}")
+    return ConfigError(f"{path}: cannot be read ({error})")

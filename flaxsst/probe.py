@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from flaxsst import cli
-from flaxsst.errors import ConfigError
+from flaxsst.errors import ConfigError, yaml_error
 
 PLACEHOLDER = "{X}"
 SETS_DIR = Path(__file__).resolve().parent / "probe_sets"
@@ -110,12 +110,8 @@ def _load_yaml(path: Path) -> Any:
 
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be read ({e})") from None
+        raise yaml_error(path, e) from None
 
 
 def load_fillers(spec: str | Sequence[str]) -> Fillers:

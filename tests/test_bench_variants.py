@@ -59,6 +59,28 @@ def test_candidate_steps_equal_the_trainers_step_dropout_included(variant):
     assert moved > 1e-3  # four steps at lr 1e-3 really moved the weights
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_scanned_blocks_give_the_unrolled_blocks_hidden_states(deterministic):
+    """``bench.layouts.ScannedLayers`` (blocks 0..n-2 as one ``nn.scan``) on the stacked parameters gives
+    every position's hidden state the unrolled ``TransformerLayers`` gives, dropout masks included."""
+    from bench.layouts import ScannedLayers, stack_layers
+    from flaxsst.model import TransformerLayers
+
+    config, _ = config_from_hf(tiny_hf_config(120, n_layers=4, dropout=0.3, attention_dropout=0.3).to_dict())
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(3, 16, config.dim)).astype(np.float32)
+    _, mask = random_ids(rng, 3, 16, 120)
+    unrolled = TransformerLayers(config)
+    params = unrolled.init(jax.random.PRNGKey(1), hidden, mask, True)["params"]
+    rngs = {"dropout": jax.random.PRNGKey(2)}
+    expected = unrolled.apply({"params": params}, hidden, mask, deterministic, rngs=rngs)
+    stacked = stack_layers({"transformer": {"layer": params}}, config.n_layers)["transformer"]["layer"]
+    got = ScannedLayers(config).apply({"params": stacked}, hidden, mask, deterministic, rngs=rngs)
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    if not deterministic:  # the masks really dropped something
+        assert np.abs(expected - unrolled.apply({"params": params}, hidden, mask, True)).max() > 1e-2
+
+
 def test_allrows_variant_trains_as_the_cls_only_classifier():
     """The before/after of the [CLS]-only last block: with dropout off (the other positions' rows
     of the last block draw dropout bits too), four steps with the last block over every position
