@@ -48,7 +48,8 @@ def _variant_steps(config, variant: str, devices: list | None):
 
 def measure(variant: str, length: int, topology: str, batch: int, hlo: Path | None) -> dict:
     config = load_train_config(CONF / "sst2.yaml", ["model.pretrained=", "model.dtype=bfloat16",
-                                                    f"train.global_batch_size={batch}", f"data.max_seq_length={length}"])
+                                                    f"train.global_batch_size={batch}", f"data.max_seq_length={length}",
+                                                    "data.length_buckets=[]"])
     slice_ = parse_slice(topology)
     devices = topology_devices(slice_)
     n = len(devices)

@@ -295,7 +295,7 @@ class DistilBertForSequenceClassification(nn.Module):
     The logits read only the [CLS] position, so the encoder runs with ``cls_only`` (its last block
     computes that position alone): the same logits as Hugging Face's model, less work.
     ``cls_only=False`` runs the last block over every position, as transformers does (the
-    bench's before/after comparison, ``bench/throughput.py --variant allrows``).
+    bench's before/after comparison, ``python -m bench.throughput --variant allrows``).
 
     ``input_ids, attention_mask [batch, seq]`` -> float32 logits ``[batch, num_labels]``.
     """

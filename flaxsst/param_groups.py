@@ -4,7 +4,7 @@ of ~100 tensors. The model reads each tensor as a slice of its group (``view``),
 unrolled and its parameter tree named as before; checkpoints store the groups and exports the tree.
 
 Measured on the DistilBERT-base train step compiled for a TPU (bench/RESULTS.md): 45% fewer kernels
-than one array per tensor, with 1.13x the per-chip memory.
+than one array per tensor, with 1.14x the per-chip memory.
 """
 
 from __future__ import annotations

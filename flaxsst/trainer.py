@@ -426,8 +426,9 @@ class Trainer:
         jobs = [(self.train, length, self.state, shape(config.train.global_batch_size, length)) for length in train]
         jobs += [(self.eval, length, self.state.params, shape(eval_rows, length)) for length in evaluation]
         if self.is_main:
-            logger.info("compiling %d programs (train at lengths %s, evaluation at %s); later runs read them from "
-                        "the compilation cache", len(jobs), ", ".join(map(str, train)), ", ".join(map(str, evaluation)))
+            cached = "; later runs read them from the compilation cache" if getattr(jax.config, "jax_compilation_cache_dir", None) else ""
+            logger.info("compiling %d programs (train at lengths %s, evaluation at %s)%s", len(jobs),
+                        ", ".join(map(str, train)), ", ".join(map(str, evaluation)), cached)
         start_time = time.perf_counter()
         with without_slow_compile_banner(), ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             for future in [pool.submit(programs.compile, length, *args) for programs, length, *args in jobs]:
