@@ -21,7 +21,7 @@ def main(args) -> int:
 
 
 def parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="evaluate.py", description=cli.first_paragraph(__doc__))
     p.add_argument("--model", required=True, help="export folder, HF folder or hub id")
     p.add_argument("--output", help="folder for eval_results.json")
     p.add_argument("--config", help="YAML whose data/model sections to use (default: built-in defaults)")

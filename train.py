@@ -24,7 +24,7 @@ def main(args) -> int:
 
 
 def parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="train.py", description=cli.first_paragraph(__doc__))
     p.add_argument("--config", required=True, help="YAML config, e.g. conf/sst2.yaml")
     p.add_argument("--workdir", required=True, help="checkpoints, logs and the export go here")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=2e-5 data.path=glue_data/SST-2")

@@ -81,7 +81,7 @@ def cpu_compile(variant: str, pretrained: str, repeat: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--lengths", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--topology", default="v5e:2x2")

@@ -21,7 +21,7 @@ from flaxsst.trainer import Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--config", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--tokenizer", help="tokenizer folder when model.pretrained is empty (random init)")

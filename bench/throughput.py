@@ -249,7 +249,7 @@ def plot_sweep(rows: list[dict], path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--batch", type=int, nargs="+", default=[256])
     parser.add_argument("--seq", type=int, nargs="+", default=[128])
     parser.add_argument("--dtype", default="bf16")

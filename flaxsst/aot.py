@@ -263,16 +263,28 @@ def compile_run(config, slice_: Slice, hlo_dir: Path | None = None, log=print) -
     return records
 
 
-def recipe_estimate(records: list[dict], config, train_examples: int) -> dict:
+def train_examples(config, given: int | None) -> tuple[int, str]:
+    """The training set's size for the estimate, and where it comes from: ``--train-examples``, the
+    config's synthetic set, or SST-2's train split (no data is read)."""
+    if given is not None:
+        return given, "--train-examples"
+    if config.data.path == "synthetic":
+        return config.data.synthetic_train_size, "data.synthetic_train_size"
+    return SST2_TRAIN_EXAMPLES, "SST-2's train split (--train-examples sets another size)"
+
+
+def recipe_estimate(records: list[dict], config, examples: tuple[int, str]) -> dict:
     """The recipe's train time from the train programs' roofline estimates: every step at the shortest
     bucket (a lower bound) and every step at the longest (an upper bound); an estimate, not a measurement."""
-    steps_per_epoch = math.ceil(train_examples / config.train.global_batch_size)
+    steps_per_epoch = math.ceil(examples[0] / config.train.global_batch_size)
     steps = math.ceil(config.train.num_epochs * steps_per_epoch)
+    if config.train.max_steps > 0:
+        steps = min(steps, config.train.max_steps)
     train = [r for r in records if r["program"] == "train" and "estimate_ms" in r]
     if not train:
         return {}
     shortest, longest = min(train, key=lambda r: r["length"]), max(train, key=lambda r: r["length"])
-    return {"estimate": "roofline", "train_examples": train_examples, "steps": steps,
+    return {"estimate": "roofline", "train_examples": examples[0], "train_examples_from": examples[1], "steps": steps,
             "seconds_if_all_shortest": round(steps * shortest["estimate_ms"] / 1e3, 2),
             "seconds_if_all_longest": round(steps * longest["estimate_ms"] / 1e3, 2),
             "shortest_length": shortest["length"], "longest_length": longest["length"]}
@@ -304,26 +316,27 @@ def main(args: argparse.Namespace) -> int:
                           log=lambda line: print(line, file=sys.stderr, flush=True))
     for record in records:
         print(json.dumps(record), flush=True)
-    estimate = recipe_estimate(records, config, args.train_examples)
+    estimate = recipe_estimate(records, config, train_examples(config, args.train_examples))
     if estimate:
         print(json.dumps({"recipe": estimate, "topology": slice_.name}), flush=True)
     print(table(records), file=sys.stderr)
     if estimate:
-        print(f"recipe ({estimate['steps']} steps, a roofline estimate): {estimate['seconds_if_all_shortest']:.1f} s "
+        print(f"recipe ({estimate['steps']} steps over {estimate['train_examples']:,} examples from "
+              f"{estimate['train_examples_from']}; a roofline estimate): {estimate['seconds_if_all_shortest']:.1f} s "
               f"if every batch were {estimate['shortest_length']} tokens, {estimate['seconds_if_all_longest']:.1f} s "
               f"at {estimate['longest_length']}", file=sys.stderr)
     return cli.EXIT_OK
 
 
 def parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m flaxsst.aot", description=__doc__.splitlines()[0],
-                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
+    p = cli.ArgumentParser(prog="python -m flaxsst.aot", description=cli.first_paragraph(__doc__),
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.strip().split("\n\n", 1)[1])
     p.add_argument("--config", required=True, help="YAML config, e.g. conf/sst2.yaml")
     p.add_argument("--topology", required=True, help="a TPU slice: v5e:2x4, v4:2x2x1, v5e-8, v4-8, v5p-8, v6e-256 ...")
     p.add_argument("--chips-per-host", type=int, help="1, 4 or 8 (default: 8 up to 8 chips of v5e/v6e, else 4)")
     p.add_argument("--hlo", metavar="DIR", help="write each compiled program's optimized HLO text here")
-    p.add_argument("--train-examples", type=int, default=SST2_TRAIN_EXAMPLES,
-                   help="training set size for the recipe estimate (default: SST-2's 67,349)")
+    p.add_argument("--train-examples", type=int,
+                   help="training set size for the recipe estimate (default: the config's synthetic set, else SST-2's 67,349)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.dtype=bfloat16 data.length_buckets=[64]")
     return p
 

@@ -22,6 +22,14 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 75
 
+# Refusals of the file system over paths the user chose; any other OSError keeps its traceback.
+USER_FILE_ERRORS = (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def first_paragraph(doc: str) -> str:
+    """A module docstring's first paragraph as one line, for ``--help``."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with ``--debug`` and one-line usage errors."""
@@ -36,11 +44,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run(main: Callable[[argparse.Namespace], int], parser: ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, start JAX quietly, run ``main(args)`` and turn errors into exit codes."""
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after the flags
     debug = args.debug or os.environ.get("FLAXSST_DEBUG", "0") not in ("", "0")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("flaxsst").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on every save
+    for library in ("datasets", "huggingface_hub"):  # each prints through its own handler: once is enough
+        logging.getLogger(library).propagate = False
     from flaxsst.errors import FlaxsstError, Interrupted
 
     try:
@@ -56,8 +66,13 @@ def run(main: Callable[[argparse.Namespace], int], parser: ArgumentParser, argv:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as error:
-        if debug or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if debug:
             raise
-        print(f"error: no space left on the device writing {error.filename or 'a file'}; free the space, "
-              "then rerun the same command", file=sys.stderr)
-        return EXIT_USER_ERROR
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: no space left on the device writing {error.filename or 'a file'}; free the space, "
+                  "then rerun the same command", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if isinstance(error, USER_FILE_ERRORS) and error.filename:  # the user's file system, not a bug
+            print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise

@@ -138,15 +138,15 @@ class ModelSection:
 @dataclasses.dataclass
 class DataSection:
     path: str = "glue/sst2"  # a GLUE folder (train.tsv, dev.tsv), a file, "glue/sst2" or another hub data set, or "synthetic"
-    train_split: str = "train"
-    eval_split: str = "validation"
+    train_split: str = "train"  # a split name, or a file
+    eval_split: str = "validation"  # a split name, or a file (needed where data.path is the train file)
     text_column: str = "sentence"
     label_column: str = "label"
     max_seq_length: int = 128
     length_buckets: list[int] = dataclasses.field(default_factory=list)  # [] = pad every batch to max_seq_length
     synthetic_train_size: int = 2000
     synthetic_eval_size: int = 400
-    cache_dir: str = ""  # "" = <workdir>/cache
+    cache_dir: str = ""  # tokenized splits; "" = <workdir>/cache for train.py, ~/.cache/flaxsst/tokens for evaluate.py
 
 
 @dataclasses.dataclass
@@ -305,11 +305,15 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()):
         raw = OmegaConf.load(path)
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise yaml_error(path, e) from None
+    if raw is None or (isinstance(raw, DictConfig) and len(raw) == 0):
+        raise ConfigError(f"{path} holds no settings; expected sections model:, data:, train: (see conf/sst2.yaml)")
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:), got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not (path.parent / str(base)).is_file():
+        raise ConfigError(f"{path}: base: {base} does not exist (looked for {path.parent / str(base)})")
     return _merge(_load_yaml(path.parent / base, seen + (path.resolve(),)), raw, str(path))
 
 
@@ -320,6 +324,7 @@ def _validate(config: TrainConfig) -> None:
         (train.learning_rate > 0, "train.learning_rate", "positive"),
         (train.num_epochs > 0, "train.num_epochs", "positive"),
         (train.warmup_steps >= 0, "train.warmup_steps", "at least 0"),
+        (train.eval_every_steps >= 0, "train.eval_every_steps", "at least 0 (0: at the end of every epoch)"),
         (0 <= train.adam_b1 < 1, "train.adam_b1", "in [0, 1)"),
         (0 <= train.adam_b2 < 1, "train.adam_b2", "in [0, 1)"),
         (train.adam_eps > 0, "train.adam_eps", "positive"),

@@ -326,10 +326,12 @@ def state_dict_to_params(
     missing = [hf for hf, _, _ in table if hf not in renamed]
     missing_encoder = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
     if unexpected or missing_encoder:
+        layers = {int(m.group(1)) for key in tensors if (m := re.search(r"\.layers?\.(\d+)\.", key))}
+        found = f"the weights hold {max(layers) + 1} layers; " if layers and max(layers) + 1 != config.n_layers else ""
         raise CheckpointError(
             f"{', '.join(files)} does not match a {family} encoder of this config "
             f"(n_layers={config.n_layers}, dim={config.dim}, sinusoidal_pos_embds={config.sinusoidal_pos_embds}): "
-            f"missing keys {missing_encoder}; unexpected keys {sorted(unexpected)}"
+            f"{found}{_some(missing_encoder, 'missing')}; {_some(sorted(unexpected), 'unexpected')}"
         )
     params: dict = {}
     bad_shapes = []
@@ -365,6 +367,14 @@ def state_dict_to_params(
                 _set(params, path, jnp.asarray(_get(fresh, path), dtype=jnp.float32))
         report.initialized = head_missing
     return params, report
+
+
+def _some(keys: list[str], what: str, shown: int = 3) -> str:
+    """``"48 missing keys (a, b, c, ...)"``: a count and the first few, for a one-line error."""
+    if not keys:
+        return f"no {what} keys"
+    more = ", ..." if len(keys) > shown else ""
+    return f"{len(keys)} {what} key{'s' if len(keys) != 1 else ''} ({', '.join(keys[:shown])}{more})"
 
 
 def load_pretrained(

@@ -24,6 +24,7 @@ import numpy as np
 from flaxsst.config import DataSection
 from flaxsst.errors import DataError
 from flaxsst.hub import load_dataset_split, looks_like_path
+from flaxsst.paths import read_text
 from flaxsst.tokenizer import pad_right
 
 GLUE_FILES = {"train": "train", "validation": "dev", "dev": "dev", "test": "test"}
@@ -77,17 +78,14 @@ def synthetic_sentiment(size: int, seed: int) -> tuple[list[str], list[int]]:
 
 # ---- reading -----------------------------------------------------------------------------
 
-def _check_text_file(path: Path) -> None:
-    """An empty file, or one that is not UTF-8, named with the line of the first bad byte."""
-    raw = path.read_bytes()
-    if not raw.strip():
+def _check_text_file(path: Path, header: bool) -> None:
+    """An empty file, a table with a header and no rows, or one that is not UTF-8 (named with the line
+    of the first bad byte)."""
+    text = read_text(path, error=DataError)
+    if not text.strip():
         raise DataError(f"{path} is empty: expected a header line and one row per example")
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}: line {line} is not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
-                        "save the file as UTF-8") from None
+    if header and not any(line.strip() for line in text.splitlines()[1:]):
+        raise DataError(f"{path} has a header but no rows")
 
 
 def _load_file(path: Path):
@@ -103,7 +101,7 @@ def _load_file(path: Path):
         if path.suffix == ".tsv":
             kwargs["quoting"] = csv.QUOTE_NONE  # GLUE sentences contain bare quotes
     if builder != "parquet":
-        _check_text_file(path)
+        _check_text_file(path, header=builder == "csv")
     try:
         table = datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
     except Exception as e:  # the file's own problem (a malformed row, a broken parquet file)
@@ -115,27 +113,51 @@ def _load_file(path: Path):
     return table, (2 if builder == "csv" else 1) if builder != "parquet" else None
 
 
-def _load_table(data: DataSection, split: str):
-    """-> (rows as a ``datasets.Dataset``, a description for errors, first data line number or None)."""
-    import datasets
-
-    datasets.disable_progress_bars()
+def _split_file(data: DataSection, split: str) -> Path | None:
+    """The local file that holds ``split``: the split named as a file, the folder's file for it, or
+    ``data.path`` itself where it is a file; None for a hub data set."""
     folder = Path(data.path).expanduser()
     split_path = Path(split).expanduser()
-    if not split_path.is_file() and folder.is_dir():
+    if split_path.is_file():
+        return split_path
+    if folder.is_dir():
         stem = GLUE_FILES.get(split, split)
         candidates = [folder / f"{stem}{ext}" for ext in FILE_BUILDERS]
         found = [c for c in candidates if c.is_file()]
         if not found:
             raise DataError(f"{folder} has no file for split {split!r}: looked for {[c.name for c in candidates]}")
-        split_path = found[0]
-    elif not split_path.is_file() and folder.is_file():
-        split_path = folder  # data.path names the file itself
-    if split_path.is_file():
-        table, first_line = _load_file(split_path)
-        return table, str(split_path), first_line
+        return found[0]
+    if folder.is_file():
+        return folder
     if looks_like_path(data.path):
         raise DataError(f"data.path={data.path}: {folder} does not exist")
+    return None
+
+
+def check_distinct_splits(data: DataSection) -> None:
+    """Training and evaluating on the same file reports the accuracy of memorised rows: refused."""
+    if data.path == "synthetic":
+        return
+    train, evaluation = _split_file(data, data.train_split), _split_file(data, data.eval_split)
+    if train is None or evaluation is None or train.resolve() != evaluation.resolve():
+        return
+    if Path(data.path).expanduser().is_file():
+        raise DataError(f"data.path={data.path} is one file, which would be both the train and the eval split; "
+                        "name the eval file with data.eval_split=PATH, or point data.path at a folder "
+                        "with train.tsv and dev.tsv")
+    raise DataError(f"data.train_split={data.train_split} and data.eval_split={data.eval_split} both read {train}; "
+                    "evaluating on the training rows overstates accuracy: name another eval split or file")
+
+
+def _load_table(data: DataSection, split: str):
+    """-> (rows as a ``datasets.Dataset``, a description for errors, first data line number or None)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = _split_file(data, split)
+    if path is not None:
+        table, first_line = _load_file(path)
+        return table, str(path), first_line
     return load_dataset_split(data.path, split), f"{data.path} [{split}]", None
 
 

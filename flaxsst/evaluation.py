@@ -65,11 +65,15 @@ def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | 
     from flaxsst.parallel import initialize_distributed, pmap_eval_step, replicate
     from flaxsst.tokenizer import Tokenizer
 
+    from flaxsst.paths import cache_home, output_folder
+
     initialize_distributed(config)
+    if output is not None:
+        output = output_folder(output, "--output")
     model_config, params = load_pretrained(model, setting="--model")
     check_sequence_length(config, model_config, model)
     tokenizer = Tokenizer.from_pretrained(model, config.data.max_seq_length, key="--model")
-    cache_dir = Path(config.data.cache_dir or Path(output or ".") / "cache")
+    cache_dir = Path(config.data.cache_dir or cache_home() / "tokens")
     split = load_tokenized(config.data, config.data.eval_split, tokenizer, model_config.label2id, cache_dir, config.train.seed)
     precision = Precision(config.model.dtype, config.model.residual_dtype or None)
     groups = ParamGroups(params, precision.dtype)

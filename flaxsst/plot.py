@@ -84,12 +84,15 @@ def draw_curves(records: dict[str, dict[int, dict]], title: str):
 
 
 def main(args: argparse.Namespace) -> int:
-    print(plot_workdir(args.workdir, args.out))
+    from flaxsst.paths import output_file
+
+    read_metrics(args.workdir)  # a folder that is no workdir is named before --out's folder is made
+    print(plot_workdir(args.workdir, output_file(args.out, "--out") if args.out else None))
     return cli.EXIT_OK
 
 
 def parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m flaxsst.plot", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m flaxsst.plot", description=cli.first_paragraph(__doc__))
     p.add_argument("workdir")
     p.add_argument("--out", help="PNG path (default: WORKDIR/curves.png)")
     return p

@@ -52,6 +52,8 @@ def validate_texts(texts: Any) -> list[str]:
     """A string is a list of one; every item must be a string (``TypeError`` names the first that is not)."""
     if isinstance(texts, str):
         return [texts]
+    if isinstance(texts, (bytes, bytearray)):
+        raise TypeError(f"expected a string or a list of strings, got {type(texts).__name__}: decode it to str first")
     if texts is None or not hasattr(texts, "__iter__"):
         raise TypeError(f"expected a string or a list of strings, got {type(texts).__name__}")
     texts = list(texts)

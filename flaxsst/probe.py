@@ -23,6 +23,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +32,7 @@ import numpy as np
 
 from flaxsst import cli
 from flaxsst.errors import ConfigError, yaml_error
+from flaxsst.paths import output_folder, read_text
 
 PLACEHOLDER = "{X}"
 SETS_DIR = Path(__file__).resolve().parent / "probe_sets"
@@ -76,9 +78,9 @@ def countries() -> Fillers:
                    f"ISO 3166-1 via pycountry {getattr(pycountry, '__version__', '')}".strip())
 
 
-def _read_lines(path: Path) -> tuple[list[str], list[str | None], str]:
+def _read_lines(path: Path, flag: str) -> tuple[list[str], list[str | None], str]:
     fillers, groups, notes = [], [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path, flag).splitlines():
         if line.startswith("#"):
             notes.append(line.lstrip("# ").strip())
             continue
@@ -122,7 +124,7 @@ def load_fillers(spec: str | Sequence[str]) -> Fillers:
     elif spec == "countries":
         result = countries()
     elif spec in BUILTIN_SETS:
-        fillers, groups, source = _read_lines(SETS_DIR / f"{spec}.tsv")
+        fillers, groups, source = _read_lines(SETS_DIR / f"{spec}.tsv", "filler set")
         result = Fillers(spec, fillers, groups, source)
     else:
         path = Path(spec).expanduser()
@@ -132,7 +134,7 @@ def load_fillers(spec: str | Sequence[str]) -> Fillers:
             fillers, groups = _read_yaml(path)
             source = str(path)
         else:
-            fillers, groups, source = _read_lines(path)
+            fillers, groups, source = _read_lines(path, "--fillers")
         result = Fillers(path.stem, fillers, groups, source)
     seen: set[str] = set()
     keep = [i for i, f in enumerate(result.fillers) if f.strip() and not (f in seen or seen.add(f))]
@@ -152,7 +154,7 @@ def load_templates(values: Sequence[str]) -> list[str]:
             if not path.is_file():
                 raise ConfigError(f"--templates {value}: file does not exist")
             if path.suffix == ".txt":
-                templates += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                templates += [line.strip() for line in read_text(path, "--templates").splitlines()
                               if line.strip() and not line.startswith("#")]
             else:
                 data = _load_yaml(path)
@@ -170,6 +172,9 @@ def validate_templates(templates: Sequence[str]) -> list[str]:
     for template in templates:
         if PLACEHOLDER not in template:
             raise ConfigError(f"template {template!r} has no {PLACEHOLDER} placeholder for the filler")
+        others = sorted(set(re.findall(r"\{[^{}]*\}", template)) - {PLACEHOLDER})
+        if others:
+            raise ConfigError(f"template {template!r} holds {', '.join(others)}; only {PLACEHOLDER} is filled in")
     return list(templates)
 
 
@@ -340,6 +345,7 @@ def run_probe(model: str, templates: list[str], fillers: Fillers, output: Path, 
 
 
 def main(args: argparse.Namespace) -> int:
+    output_folder(args.output, "--output")
     if args.probe:
         templates, fillers = load_probe_file(args.probe)
         if args.templates:
@@ -354,9 +360,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m flaxsst.probe", description=__doc__.splitlines()[0],
+    p = cli.ArgumentParser(prog="python -m flaxsst.probe", description=cli.first_paragraph(__doc__),
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog="\n".join(__doc__.splitlines()[2:]))
+                           epilog=__doc__.strip().split("\n\n", 1)[1])
     p.add_argument("--model", required=True, help="export folder, HF folder or hub id")
     p.add_argument("--output", required=True, help="folder for probe.csv, summary.json and probe.png")
     p.add_argument("--templates", nargs="+", help=f"templates holding {PLACEHOLDER}, or .txt/.yaml files of them")

@@ -66,7 +66,9 @@ def enable_compilation_cache() -> None:
 
     if os.environ.get("FLAXSST_COMPILATION_CACHE", "1") == "0" or getattr(jax.config, "jax_compilation_cache_dir", None):
         return
-    cache_dir = os.environ.get("FLAXSST_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "flaxsst", "jax"))
+    from flaxsst.paths import cache_home
+
+    cache_dir = os.environ.get("FLAXSST_CACHE_DIR", str(cache_home() / "jax"))
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

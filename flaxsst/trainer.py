@@ -27,6 +27,7 @@ from flaxsst.checkpoints import Checkpoints, WorkdirLock, check_resumable, rewin
 from flaxsst.config import ModelConfig, TrainConfig
 from flaxsst.convert import load_pretrained, save_pretrained
 from flaxsst.data import (
+    check_distinct_splits,
     eval_lengths,
     load_tokenized,
     make_batch,
@@ -52,6 +53,7 @@ from flaxsst.parallel import (
     replicate,
     unreplicate,
 )
+from flaxsst.paths import output_folder
 from flaxsst.runtime import enable_compilation_cache, without_slow_compile_banner
 from flaxsst.steps import TrainState, create_train_state
 from flaxsst.tokenizer import Tokenizer
@@ -211,6 +213,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         initialize_distributed(self.config)
+        output_folder(self.workdir, "--workdir")
         enable_compilation_cache()
         self.is_main = jax.process_index() == 0
         lock = WorkdirLock(self.workdir) if self.is_main else None
@@ -226,6 +229,7 @@ class Trainer:
     def _run(self) -> TrainResult:
         config = self.config
         check_divisible(config.train.global_batch_size, jax.device_count(), "train.global_batch_size")
+        check_distinct_splits(config.data)
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", config.train.keep_checkpoints, self.is_main)
         if self.is_main:
             self.checkpoints.remove_leftovers()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flaxsst.aot import compile_run, parse_slice, recipe_estimate
+from flaxsst.aot import SST2_TRAIN_EXAMPLES, compile_run, parse_slice, recipe_estimate, train_examples
 from flaxsst.config import load_train_config
 from flaxsst.errors import ConfigError
 from flaxsst.hlo import count_kernels
@@ -92,6 +92,33 @@ def test_the_kernel_counter_counts_a_hand_built_program_it_knows():
     assert count.instructions == 17
 
 
+SLICED_PREFETCH = """HloModule sliced, entry_computation_layout={(f32[8,128]{1,0})->f32[8,128]{1,0}}
+
+%fused_neg (p: f32[8,128]) -> f32[8,128] {
+  %p = f32[8,128]{1,0} parameter(0)
+  ROOT %n = f32[8,128]{1,0} negate(%p)
+}
+
+ENTRY %main (a: f32[8,128]) -> f32[8,128] {
+  %a = f32[8,128]{1,0} parameter(0)
+  %s0 = ((f32[8,128]{1,0}), f32[4,128]{1,0:S(1)}, s32[]) slice-start(%a), slice={[0:4], [0:128]}
+  %s1 = ((f32[8,128]{1,0}), f32[4,128]{1,0:S(1)}, s32[]) slice-start(%a), slice={[4:8], [0:128]}
+  %d0 = f32[4,128]{1,0:S(1)} slice-done(%s0)
+  %d1 = f32[4,128]{1,0:S(1)} slice-done(%s1)
+  %joined = f32[8,128]{1,0:S(1)} custom-call(%d0, %d1), custom_call_target="ConcatBitcast"
+  ROOT %f = f32[8,128]{1,0} fusion(%joined), kind=kLoop, calls=%fused_neg
+}
+"""
+
+
+def test_a_sliced_prefetch_into_on_chip_memory_is_no_kernel():
+    # XLA's memory-space assignment copies a buffer into on-chip memory in slices and joins them
+    # with a ConcatBitcast custom call, a view of memory already in place: one kernel here, the fusion.
+    count = count_kernels(SLICED_PREFETCH)
+    assert count.by_kind == {"fusion": 1} and count.total == 1
+    assert count.other == {"slice-start": 2, "ConcatBitcast": 1}
+
+
 def test_a_loop_trip_count_comes_from_its_condition_or_the_loop_counts_once_flagged():
     without_config = HAND_BUILT.replace(', backend_config={"known_trip_count":{"n":"6"}}', "")
     assert count_kernels(without_config).total == 18  # the condition: counter < 6
@@ -148,8 +175,17 @@ def test_tiny_steps_compile_for_v5e_2x2_through_the_trainers_own_step_builders()
     train = records[0]
     assert train["rows_per_chip"] == 8 and train["kernels"]["collective"] >= 1  # the gradients' all-reduce
     assert train["memory"]["arguments"] >= _state_bytes(config)  # the replicated state, on every chip
-    estimate = recipe_estimate(records, config, 2000)
-    assert estimate["steps"] == math.ceil(2000 / 32) * 4 and estimate["seconds_if_all_shortest"] > 0
+    examples = train_examples(config, None)  # tiny.yaml trains on its 2,000 synthetic rows for 4 epochs
+    assert examples == (2000, "data.synthetic_train_size")
+    estimate = recipe_estimate(records, config, examples)
+    assert estimate["steps"] == math.ceil(2000 / 32) * 4 == 252 and estimate["seconds_if_all_shortest"] > 0
+    assert recipe_estimate(records, _tiny("train.max_steps=40"), examples)["steps"] == 40
+
+
+def test_the_recipe_estimate_counts_the_configs_data_or_says_it_assumes_sst2():
+    assert train_examples(_tiny(), 500) == (500, "--train-examples")
+    size, source = train_examples(_tiny("data.path=glue/sst2"), None)
+    assert size == SST2_TRAIN_EXAMPLES == 67349 and "SST-2" in source and "--train-examples" in source
 
 
 @needs_libtpu

@@ -45,6 +45,8 @@ def test_wrong_type_is_named_with_its_value():
 def test_bad_values_are_named():
     with pytest.raises(ConfigError, match=r"'train.global_batch_size' = 0; expected a positive integer"):
         load_train_config(CONF / "sst2.yaml", ["train.global_batch_size=0"])
+    with pytest.raises(ConfigError, match=r"'train.eval_every_steps' = -1; expected at least 0"):
+        load_train_config(CONF / "sst2.yaml", ["train.eval_every_steps=-1"])
     with pytest.raises(ConfigError, match="data.length_buckets"):
         load_train_config(CONF / "sst2.yaml", ["data.length_buckets=[256]"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
@@ -69,3 +71,12 @@ def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
     (tmp_path / "bad.yaml").write_text("base: " + str(CONF / "sst2.yaml") + "\ntrain:\n  warmup: 10\n")
     with pytest.raises(ConfigError, match="'train.warmup'"):
         load_train_config(tmp_path / "bad.yaml")
+
+
+def test_an_empty_file_and_a_missing_base_are_named(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"empty\.yaml holds no settings"):
+        load_train_config(tmp_path / "empty.yaml")
+    (tmp_path / "run.yaml").write_text("base: nosuch.yaml\ntrain:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: base: nosuch\.yaml does not exist \(looked for .*nosuch\.yaml\)"):
+        load_train_config(tmp_path / "run.yaml")

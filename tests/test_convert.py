@@ -177,8 +177,21 @@ def test_missing_and_unexpected_keys_are_listed_with_the_file(tmp_path):
         load_pretrained(tmp_path)
     message = str(error.value)
     assert "model.safetensors" in message
-    assert "missing keys ['distilbert.transformer.layer.1.ffn.lin2.bias']" in message
-    assert "unexpected keys ['distilbert.transformer.layer.1.ffn.lin3.bias']" in message
+    assert "1 missing key (distilbert.transformer.layer.1.ffn.lin2.bias)" in message
+    assert "1 unexpected key (distilbert.transformer.layer.1.ffn.lin3.bias)" in message
+
+
+def test_weights_with_other_layers_than_config_json_say_so_in_one_short_line(tmp_path):
+    _hf_model(tmp_path)  # two layers
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_layers"] = 6
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as error:
+        load_pretrained(tmp_path)
+    message = str(error.value)
+    assert "(n_layers=6," in message and "the weights hold 2 layers" in message
+    assert "64 missing keys (distilbert.transformer.layer.2." in message and ", ...)" in message  # 16 per layer
+    assert "no unexpected keys" in message and "\n" not in message and len(message) < 600
 
 
 def test_unsupported_model_type_is_named(tmp_path):

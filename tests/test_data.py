@@ -6,6 +6,7 @@ import pytest
 from flaxsst.config import DataSection
 from flaxsst.data import (
     DataError,
+    check_distinct_splits,
     load_tokenized,
     make_batch,
     read_split,
@@ -86,6 +87,36 @@ def test_missing_column_is_named(tmp_path):
     (tmp_path / "glue" / "train.tsv").write_text("text\tlabel\ngood\t1\n")
     with pytest.raises(DataError, match=r"no column 'sentence'; columns are \['text', 'label'\]"):
         read_split(DataSection(path=str(tmp_path / "glue")), "train", LABEL2ID)
+
+
+def test_one_file_is_not_both_the_train_and_the_eval_split(tmp_path):
+    train, dev = tmp_path / "reviews.tsv", tmp_path / "held_out.tsv"
+    _write_tsv(train, [("good", 1), ("bad", 0)])
+    _write_tsv(dev, [("fine", 1)])
+    with pytest.raises(DataError, match=r"data\.path=.*reviews\.tsv is one file, which would be both the train and "
+                                        r"the eval split; name the eval file with data\.eval_split=PATH"):
+        check_distinct_splits(DataSection(path=str(train)))
+    with pytest.raises(DataError, match=r"data\.train_split=train and data\.eval_split=train both read .*train\.tsv"):
+        check_distinct_splits(DataSection(path=str(_glue_folder(tmp_path)), eval_split="train"))
+    split = DataSection(path=str(train), eval_split=str(dev))
+    check_distinct_splits(split)  # the file trains, the named file evaluates
+    assert read_split(split, split.train_split, LABEL2ID)[0] == ["good", "bad"]
+    assert read_split(split, split.eval_split, LABEL2ID)[0] == ["fine"]
+
+
+def test_a_header_without_rows_is_named(tmp_path):
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "glue" / "train.tsv").write_text("sentence\tlabel\n\n")
+    with pytest.raises(DataError, match=r"train\.tsv has a header but no rows"):
+        read_split(DataSection(path=str(tmp_path / "glue")), "train", LABEL2ID)
+
+
+def _glue_folder(tmp_path):
+    folder = tmp_path / "glue"
+    folder.mkdir()
+    _write_tsv(folder / "train.tsv", [("good", 1)])
+    _write_tsv(folder / "dev.tsv", [("fine", 1)])
+    return folder
 
 
 def test_tokenized_split_is_cached_and_equal(vocab_file, tmp_path):

@@ -40,6 +40,11 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 EMPTY = b""
 NOT_UTF8 = b"sentence\tlabel\ngood \t1\ncaf\xe9 \t0\n"
 BAD_LABEL = b"sentence\tlabel\ngood \t1\nbad \t7\n"
@@ -83,12 +88,17 @@ CASES = [
     ("data-folder-missing", lambda t, m: (_train(t, m, f"model.pretrained={m}", f"data.path={t / 'nope'}"), None),
      ["data.path=", "nope does not exist"]),
     ("data-hub-offline", lambda t, m: (_train(t, m, f"model.pretrained={m}", "data.path=glue/sst2"), None),
-     ["data.path=glue/sst2 is neither a local folder or file nor a hub data set", "HF_HUB_OFFLINE=1",
+     ["data.path=glue/sst2 is not a local folder or file, nor a hub data set", "HF_HUB_OFFLINE=1",
       "pass data.path=<a GLUE folder"]),
     ("model-hub-offline", lambda t, m: (["train.py", "--config", "conf/sst2.yaml", "--workdir", str(t / "w"),
                                          f"data.path={_glue(t / 'glue')}"], None),
      ["model.pretrained=distilbert-base-uncased is neither a local folder nor a hub model", "pass model.pretrained=<a local folder"]),
     ("data-empty-train-file", lambda t, m: (_train_on(t, m, EMPTY), None), ["train.tsv is empty"]),
+    ("data-header-only", lambda t, m: (_train_on(t, m, b"sentence\tlabel\n"), None), ["train.tsv has a header but no rows"]),
+    ("data-one-file-for-both-splits", lambda t, m: (_train(t, m, f"model.pretrained={m}", f"data.path={_glue(t / 'glue') / 'train.tsv'}"), None),
+     ["train.tsv is one file, which would be both the train and the eval split", "data.eval_split=PATH"]),
+    ("workdir-is-a-file", lambda t, m: (["train.py", *TINY, "--workdir", str(_write(t / "notes.txt", "x"))], None),
+     ["--workdir=", "notes.txt is a file, not a folder"]),
     ("data-not-utf8", lambda t, m: (_train_on(t, m, NOT_UTF8), None), ["train.tsv: line 3 is not UTF-8"]),
     ("data-bad-label", lambda t, m: (_train_on(t, m, BAD_LABEL), None), ["train.tsv: row 2 (line 3): label 7 is not one of the model's labels"]),
     ("data-missing-column", lambda t, m: (_train_on(t, m, NO_SENTENCE), None), ["train.tsv: no column 'sentence'"]),
@@ -103,6 +113,19 @@ CASES = [
     ("evaluate-model-garbage-config", lambda t, m: (["evaluate.py", "--model", str(_model(t, m, lambda d: _write(d / "config.json", "[1, 2"))),
                                                      "--config", "conf/tiny.yaml"], None),
      ["config.json:1: not valid JSON"]),
+    ("evaluate-output-is-a-file", lambda t, m: (["evaluate.py", "--model", str(m), "--config", "conf/tiny.yaml",
+                                                 "--output", str(_write(t / "notes.txt", "x"))], None),
+     ["--output=", "notes.txt is a file, not a folder"]),
+    ("probe-output-is-a-file", lambda t, m: (["-m", "flaxsst.probe", "--model", str(m), "--output", str(_write(t / "notes.txt", "x"))], None),
+     ["--output=", "notes.txt is a file, not a folder"]),
+    ("probe-fillers-not-text", lambda t, m: (["-m", "flaxsst.probe", "--model", str(m), "--output", str(t / "p"),
+                                              "--fillers", str(_write_bytes(t / "names.txt", b"Ann\nB\xffb\n"))], None),
+     ["--fillers", "names.txt: line 2 is not UTF-8 text"]),
+    ("probe-template-other-placeholder", lambda t, m: (["-m", "flaxsst.probe", "--model", str(m), "--output", str(t / "p"),
+                                                        "--templates", "{X} met {Y}."], None),
+     ["template '{X} met {Y}.' holds {Y}; only {X} is filled in"]),
+    ("plot-out-under-a-file", lambda t, m: (["-m", "flaxsst.plot", str(_write(t / "metrics.jsonl", "").parent), "--out", str(_write(t / "notes.txt", "x") / "c.png")], None),
+     ["--out folder=", "notes.txt is a file"]),
     ("predict-model-missing", lambda t, m: (["-m", "flaxsst.predict", "--model", str(t / "nope")], "a fine film\n"),
      ["--model=", "nope does not exist"]),
     ("predict-model-hub-offline", lambda t, m: (["-m", "flaxsst.predict", "--model", "someorg/not-cached"], "x\n"),
@@ -128,6 +151,21 @@ def test_bad_input_is_one_line_naming_it(tmp_path, tiny_model_dir, build, named)
     result = run(argv, command_env(), stdin=stdin, timeout=300)
     assert_one_line_error(result, *named)
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_refusal_of_the_file_system_is_one_line_naming_the_path(tmp_path, capsys):
+    from flaxsst import cli
+
+    def main(args):
+        open(tmp_path, "w")  # a folder: IsADirectoryError
+
+    assert cli.run(main, cli.ArgumentParser(prog="x"), []) == cli.EXIT_USER_ERROR
+    assert capsys.readouterr().err == f"error: {tmp_path}: Is a directory\n"
+
+
+def test_overrides_may_come_before_the_flags(tmp_path):
+    result = run(["train.py", "--config", "conf/tiny.yaml", "train.lr=1e-3", "--workdir", str(tmp_path / "w")], command_env())
+    assert_one_line_error(result, "override train.lr=1e-3", "did you mean train.learning_rate?")
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -70,8 +70,38 @@ def test_offline_hub_data_set_is_one_line_saying_what_to_pass():
     with pytest.raises(HubError) as error:
         read_split(DataSection(path="glue/sst2"), "train", LABEL2ID)
     message = str(error.value)
-    assert "\n" not in message and "data.path=glue/sst2 is neither a local folder or file nor a hub data set" in message
+    assert "\n" not in message and "data.path=glue/sst2 is not a local folder or file, nor a hub data set" in message
     assert "HF_HUB_OFFLINE=1" in message and "pass data.path=<a GLUE folder with train.tsv and dev.tsv" in message
+
+
+def test_without_an_address_for_the_hub_the_clients_go_offline_at_once(monkeypatch):
+    import socket
+
+    import datasets
+    import datasets.config
+    from huggingface_hub import constants
+
+    import flaxsst.hub as hub
+
+    def no_address(host, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    seen = []
+
+    def fake_load_dataset(repo, subset=None, split=None, **kwargs):
+        seen.append((constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE))
+        raise ConnectionError(f"Couldn't reach '{repo}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_unreachable_host", None)
+    monkeypatch.setattr(socket, "getaddrinfo", no_address)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    with pytest.raises(HubError, match=r"huggingface\.co has no address from here \(no network\?\) and it is not "
+                                       r"in the local cache\); pass data\.path=<a GLUE folder"):
+        read_split(DataSection(path="glue/sst2"), "validation", LABEL2ID)
+    assert seen == [(True, True)]  # the cache only: no retries against a host that is not there
 
 
 def test_glue_sst2_loads_offline_from_a_hub_style_datasets_cache(tmp_path):

@@ -79,6 +79,8 @@ def test_non_string_input_names_its_position_and_type(clf, bad, index, type_name
 def test_none_alone_is_a_type_error(clf):
     with pytest.raises(TypeError, match="expected a string or a list of strings, got NoneType"):
         clf(None)
+    with pytest.raises(TypeError, match="got bytes: decode it to str first"):
+        clf(b"the film was great")
 
 
 def test_very_long_text_is_truncated_not_an_error(clf, hf_pipeline):
