@@ -310,8 +310,14 @@ def table(records: list[dict]) -> str:
 def main(args: argparse.Namespace) -> int:
     from flaxsst.config import load_train_config
 
+    from flaxsst.paths import output_folder
+
     config = load_train_config(args.config, args.overrides)
     slice_ = parse_slice(args.topology, args.chips_per_host)
+    if args.hlo is not None:
+        output_folder(args.hlo, "--hlo")
+    if args.train_examples is not None and args.train_examples < 1:
+        raise ConfigError(f"--train-examples={args.train_examples}; expected a positive number of training examples")
     records = compile_run(config, slice_, Path(args.hlo) if args.hlo else None,
                           log=lambda line: print(line, file=sys.stderr, flush=True))
     for record in records:

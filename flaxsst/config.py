@@ -297,6 +297,8 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()):
     import yaml
     from omegaconf import DictConfig, OmegaConf
 
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; name a YAML file such as conf/sst2.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in seen:

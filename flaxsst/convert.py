@@ -358,7 +358,11 @@ def state_dict_to_params(
             report.folded.append(f"{token_type_key}[0]")
         _set(params, path, jnp.asarray(value, dtype=jnp.float32))
     if bad_shapes:
-        raise CheckpointError("tensors with the wrong shape: " + "; ".join(bad_shapes))
+        more = f"; and {len(bad_shapes) - 3} more" if len(bad_shapes) > 3 else ""
+        raise CheckpointError(
+            f"{len(bad_shapes)} tensor{'s' if len(bad_shapes) != 1 else ''} with the wrong shape for its config.json "
+            f"(dim={config.dim}, hidden_dim={config.hidden_dim}, vocab_size={config.vocab_size}): "
+            + "; ".join(bad_shapes[:3]) + more)
     head_missing = [k for k in missing if k.startswith(HEAD_PREFIXES)]
     if head_missing:
         fresh = init_params(config, rng)
@@ -446,6 +450,16 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def _usual_modes(folder: Path) -> None:
+    """The modes a plain ``mkdir`` and ``open`` give under the umask (``mkdtemp`` and some writers make
+    files private), so that another user or a serving process can read the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def save_pretrained(out_dir: str | os.PathLike, config: ModelConfig, params: dict, tokenizer: Any = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` (and the tokenizer's files) in HF's layout.
 
@@ -462,6 +476,7 @@ def save_pretrained(out_dir: str | os.PathLike, config: ModelConfig, params: dic
         config.to_json_file(tmp / CONFIG_NAME)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _usual_modes(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

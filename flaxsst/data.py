@@ -120,6 +120,9 @@ def _split_file(data: DataSection, split: str) -> Path | None:
     split_path = Path(split).expanduser()
     if split_path.is_file():
         return split_path
+    if "/" in split or split.startswith("~") or split_path.suffix in FILE_BUILDERS:  # a file was meant
+        key = "data.eval_split" if split == data.eval_split else "data.train_split"
+        raise DataError(f"{key}={split}: {split_path} does not exist")
     if folder.is_dir():
         stem = GLUE_FILES.get(split, split)
         candidates = [folder / f"{stem}{ext}" for ext in FILE_BUILDERS]
@@ -187,7 +190,9 @@ def read_split(data: DataSection, split: str, label2id: dict[str, int], seed: in
     table, source, first_line = _load_table(data, split)
     for column in (data.text_column, data.label_column):
         if column not in table.column_names:
-            raise DataError(f"{source}: no column {column!r}; columns are {table.column_names}")
+            key = "data.text_column" if column == data.text_column else "data.label_column"
+            raise DataError(f"{source}: no column {column!r}; columns are {table.column_names} "
+                            f"(set {key}=<one of them>)")
     texts, labels = table[data.text_column], table[data.label_column]
     out = np.empty(len(labels), dtype=np.int32)
     for row, (text, label) in enumerate(zip(texts, labels)):

@@ -43,4 +43,9 @@ def yaml_error(path, error: Exception) -> ConfigError:
         mark = error.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         return ConfigError(f"{where}: invalid YAML: {error.problem or error.context}")
-    return ConfigError(f"{path}: cannot be read ({error})")
+    if isinstance(error, UnicodeDecodeError):
+        return ConfigError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                           "save the file as UTF-8")
+    if isinstance(error, OSError) and error.errno is None:  # OmegaConf's word for a scalar where a mapping belongs
+        return ConfigError(f"{path}: expected a mapping of keys, got something else ({error})")
+    return ConfigError(f"{path}: cannot be read ({getattr(error, 'strerror', None) or error})")

@@ -60,7 +60,7 @@ def _offline_if_unreachable() -> None:
     import datasets.config
 
     datasets.config.HF_HUB_OFFLINE = True
-    logger.warning(f"{host} has no address from here: the hub is used offline, from its local caches")
+    logger.debug(f"{host} has no address from here: the hub is used offline, from its local caches")
 
 
 def _why(error: BaseException) -> str:
@@ -84,6 +84,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, key: str | None = None
     setting = f"{key}={name}" if key else repr(name)
     instead = f"{key}=<a local folder with config.json and model.safetensors>" if key else \
         "a local folder with config.json and model.safetensors"
+    if not name.strip():
+        raise HubError(f"{key or 'the model name'} is empty; pass {instead}, or a hub id")
     if path.is_dir():
         return path
     if path.exists():

@@ -17,6 +17,8 @@ def cache_home() -> Path:
 def output_folder(value: str | os.PathLike, flag: str) -> Path:
     """The folder ``value``, created with its parents where missing; an existing file, a folder that
     cannot be created or one that cannot be written is an error naming ``flag``."""
+    if not str(value).strip():
+        raise ConfigError(f"{flag} is empty; name a folder (it is created if missing)")
     folder = Path(value).expanduser()
     blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
@@ -33,6 +35,8 @@ def output_folder(value: str | os.PathLike, flag: str) -> Path:
 
 def output_file(value: str | os.PathLike, flag: str) -> Path:
     """A file path to write: its folder is created where missing; an existing folder is an error."""
+    if not str(value).strip():
+        raise ConfigError(f"{flag} is empty; name a file")
     path = Path(value).expanduser()
     if path.is_dir():
         raise ConfigError(f"{flag}={value} is a folder; name a file")

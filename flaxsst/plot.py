@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from flaxsst import cli
+from flaxsst.errors import ConfigError
 from flaxsst.metric_log import read_metrics
 
 TRAIN, EVAL, BEST = "#3a7dc9", "#d0563b", "#2e9d4e"
@@ -87,7 +88,16 @@ def main(args: argparse.Namespace) -> int:
     from flaxsst.paths import output_file
 
     read_metrics(args.workdir)  # a folder that is no workdir is named before --out's folder is made
-    print(plot_workdir(args.workdir, output_file(args.out, "--out") if args.out else None))
+    out = None
+    if args.out is not None:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if Path(args.out).suffix.lstrip(".").lower() not in formats:
+            raise ConfigError(f"--out={args.out}: name a file ending in an image format "
+                              f"(.png, .pdf, .svg; any of {', '.join(sorted(formats))})")
+        out = output_file(args.out, "--out")
+    print(plot_workdir(args.workdir, out))
     return cli.EXIT_OK
 
 

@@ -199,6 +199,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, workdir: str | os.PathLike,
                  on_step: Callable[["Trainer", int], None] | None = None):
         self.config = config
+        self.workdir_arg = workdir  # as given: "" is refused, not taken for the current folder
         self.workdir = Path(workdir)
         self.on_step = on_step
         self.stop_requested = False
@@ -213,7 +214,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         initialize_distributed(self.config)
-        output_folder(self.workdir, "--workdir")
+        output_folder(self.workdir_arg, "--workdir")
         enable_compilation_cache()
         self.is_main = jax.process_index() == 0
         lock = WorkdirLock(self.workdir) if self.is_main else None

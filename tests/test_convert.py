@@ -69,6 +69,20 @@ def test_export_replaces_an_existing_folder_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+def test_the_export_is_readable_by_others_as_the_umask_allows(tmp_path):
+    import os
+    import stat
+
+    config = ModelConfig(vocab_size=120, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_position_embeddings=64)
+    old = os.umask(0o022)
+    try:
+        save_pretrained(tmp_path / "export", config, init_params(config))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "export", *(tmp_path / "export").iterdir()]}
+    assert modes == {"export": 0o755, "config.json": 0o644, "model.safetensors": 0o644}
+
+
 @pytest.mark.parametrize("torch_dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_checkpoints_load_as_float32(tmp_path, torch_dtype):
     torch.manual_seed(0)
@@ -163,6 +177,13 @@ def test_wrong_shape_names_file_key_and_both_shapes(tmp_path):
     with pytest.raises(CheckpointError, match=r"distilbert\.transformer\.layer\.0\.ffn\.lin1\.weight in .*model\.safetensors: "
                                               r"shape \(64, 32\), expected \(80, 32\)"):
         load_pretrained(tmp_path)
+    config["hidden_dim"], config["dim"] = 64, 48  # every tensor of the model: the first three and a count
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as error:
+        load_pretrained(tmp_path)
+    message = str(error.value)
+    assert message.startswith("37 tensors with the wrong shape for its config.json (dim=48, hidden_dim=64, vocab_size=120): ")
+    assert message.count("expected (") == 3 and message.endswith("; and 34 more") and len(message) < 800
 
 
 def test_missing_and_unexpected_keys_are_listed_with_the_file(tmp_path):

@@ -85,7 +85,7 @@ def test_any_table_file_with_named_columns(tmp_path, suffix):
 def test_missing_column_is_named(tmp_path):
     (tmp_path / "glue").mkdir()
     (tmp_path / "glue" / "train.tsv").write_text("text\tlabel\ngood\t1\n")
-    with pytest.raises(DataError, match=r"no column 'sentence'; columns are \['text', 'label'\]"):
+    with pytest.raises(DataError, match=r"no column 'sentence'; columns are \['text', 'label'\] \(set data\.text_column=<one of them>\)"):
         read_split(DataSection(path=str(tmp_path / "glue")), "train", LABEL2ID)
 
 
@@ -98,6 +98,8 @@ def test_one_file_is_not_both_the_train_and_the_eval_split(tmp_path):
         check_distinct_splits(DataSection(path=str(train)))
     with pytest.raises(DataError, match=r"data\.train_split=train and data\.eval_split=train both read .*train\.tsv"):
         check_distinct_splits(DataSection(path=str(_glue_folder(tmp_path)), eval_split="train"))
+    with pytest.raises(DataError, match=r"data\.eval_split=.*nosuch\.tsv: .*nosuch\.tsv does not exist"):
+        check_distinct_splits(DataSection(path=str(train), eval_split=str(tmp_path / "nosuch.tsv")))
     split = DataSection(path=str(train), eval_split=str(dev))
     check_distinct_splits(split)  # the file trains, the named file evaluates
     assert read_split(split, split.train_split, LABEL2ID)[0] == ["good", "bad"]
