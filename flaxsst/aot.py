@@ -312,7 +312,10 @@ def main(args: argparse.Namespace) -> int:
 
     from flaxsst.paths import output_folder
 
+    from flaxsst.data import check_distinct_splits
+
     config = load_train_config(args.config, args.overrides)
+    check_distinct_splits(config.data)  # the run it plans must be one train.py would start
     slice_ = parse_slice(args.topology, args.chips_per_host)
     if args.hlo is not None:
         output_folder(args.hlo, "--hlo")

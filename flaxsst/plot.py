@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from flaxsst import cli
-from flaxsst.errors import ConfigError
-from flaxsst.metric_log import read_metrics
+from flaxsst.errors import ConfigError, DataError
+from flaxsst.metric_log import METRICS_FILE, read_metrics
 
 TRAIN, EVAL, BEST = "#3a7dc9", "#d0563b", "#2e9d4e"
 
@@ -87,7 +87,9 @@ def draw_curves(records: dict[str, dict[int, dict]], title: str):
 def main(args: argparse.Namespace) -> int:
     from flaxsst.paths import output_file
 
-    read_metrics(args.workdir)  # a folder that is no workdir is named before --out's folder is made
+    records = read_metrics(args.workdir)  # a folder that is no workdir is named before --out's folder is made
+    if not records["train"] and not records["eval"]:
+        raise DataError(f"{Path(args.workdir) / METRICS_FILE} holds no train or eval records yet; nothing to plot")
     out = None
     if args.out is not None:
         from matplotlib.figure import Figure

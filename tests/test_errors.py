@@ -50,6 +50,7 @@ NOT_UTF8 = b"sentence\tlabel\ngood \t1\ncaf\xe9 \t0\n"
 BAD_LABEL = b"sentence\tlabel\ngood \t1\nbad \t7\n"
 NO_SENTENCE = b"text\tlabel\ngood \t1\n"
 GARBAGE_JSON = '{"dim": 32,,}'
+ONE_RECORD = '{"kind": "train", "step": 1, "loss": 0.69}\n'
 
 
 def _train(t: Path, m: Path, *overrides: str) -> list[str]:
@@ -124,17 +125,22 @@ CASES = [
     ("probe-template-other-placeholder", lambda t, m: (["-m", "flaxsst.probe", "--model", str(m), "--output", str(t / "p"),
                                                         "--templates", "{X} met {Y}."], None),
      ["template '{X} met {Y}.' holds {Y}; only {X} is filled in"]),
-    ("plot-out-under-a-file", lambda t, m: (["-m", "flaxsst.plot", str(_write(t / "metrics.jsonl", "").parent), "--out", str(_write(t / "notes.txt", "x") / "c.png")], None),
+    ("plot-out-under-a-file", lambda t, m: (["-m", "flaxsst.plot", str(_write(t / "metrics.jsonl", ONE_RECORD).parent), "--out", str(_write(t / "notes.txt", "x") / "c.png")], None),
      ["--out folder=", "notes.txt is a file"]),
     ("workdir-empty", lambda t, m: (["train.py", *TINY, "--workdir", ""], None), ["--workdir is empty"]),
     ("evaluate-model-empty", lambda t, m: (["evaluate.py", "--model", "", "--config", "conf/tiny.yaml"], None),
      ["--model is empty"]),
     ("config-not-utf8", lambda t, m: (["train.py", "--config", str(_write_bytes(t / "c.yaml", b"train:\n  seed: \xfb1\n")),
                                        "--workdir", str(t / "w")], None), ["c.yaml: not UTF-8 text (byte 0xfb at offset 15)"]),
-    ("plot-out-not-an-image", lambda t, m: (["-m", "flaxsst.plot", str(_write(t / "metrics.jsonl", "").parent), "--out", str(t / "c.txt")], None),
+    ("plot-no-records", lambda t, m: (["-m", "flaxsst.plot", str(_write(t / "metrics.jsonl", "not json\n").parent)], None),
+     ["metrics.jsonl holds no train or eval records yet"]),
+    ("plot-out-not-an-image", lambda t, m: (["-m", "flaxsst.plot", str(_write(t / "metrics.jsonl", ONE_RECORD).parent), "--out", str(t / "c.txt")], None),
      ["--out=", "c.txt: name a file ending in an image format"]),
     ("aot-hlo-is-a-file", lambda t, m: (["-m", "flaxsst.aot", *TINY, "--topology", "v5e:2x2", "--hlo", str(_write(t / "notes.txt", "x"))], None),
      ["--hlo=", "notes.txt is a file, not a folder"]),
+    ("aot-one-file-for-both-splits", lambda t, m: (["-m", "flaxsst.aot", *TINY, "--topology", "v5e:2x2",
+                                                    f"data.path={_glue(t / 'glue') / 'train.tsv'}"], None),
+     ["train.tsv is one file, which would be both the train and the eval split"]),
     ("predict-model-missing", lambda t, m: (["-m", "flaxsst.predict", "--model", str(t / "nope")], "a fine film\n"),
      ["--model=", "nope does not exist"]),
     ("predict-model-hub-offline", lambda t, m: (["-m", "flaxsst.predict", "--model", "someorg/not-cached"], "x\n"),
