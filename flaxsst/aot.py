@@ -309,10 +309,8 @@ def table(records: list[dict]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from flaxsst.config import load_train_config
-
-    from flaxsst.paths import output_folder
-
     from flaxsst.data import check_distinct_splits
+    from flaxsst.paths import output_folder
 
     config = load_train_config(args.config, args.overrides)
     check_distinct_splits(config.data)  # the run it plans must be one train.py would start

@@ -35,6 +35,13 @@ class Interrupted(FlaxsstError):
     """SIGTERM or Ctrl-C; the message says what was saved and how to resume."""
 
 
+def not_utf8(error: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8: ``line N is not UTF-8 text (byte 0x.. at offset M)``."""
+    line = error.object.count(b"\n", 0, error.start) + 1
+    return (f"line {line} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "save the file as UTF-8")
+
+
 def yaml_error(path, error: Exception) -> ConfigError:
     """A YAML file that does not parse or cannot be read, as one line naming ``file:line:column``."""
     import yaml
@@ -44,8 +51,7 @@ def yaml_error(path, error: Exception) -> ConfigError:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         return ConfigError(f"{where}: invalid YAML: {error.problem or error.context}")
     if isinstance(error, UnicodeDecodeError):
-        return ConfigError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
-                           "save the file as UTF-8")
+        return ConfigError(f"{path}: {not_utf8(error)}")
     if isinstance(error, OSError) and error.errno is None:  # OmegaConf's word for a scalar where a mapping belongs
         return ConfigError(f"{path}: expected a mapping of keys, got something else ({error})")
     return ConfigError(f"{path}: cannot be read ({getattr(error, 'strerror', None) or error})")

@@ -63,9 +63,8 @@ def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | 
     from flaxsst.model import DistilBertForSequenceClassification, Precision
     from flaxsst.param_groups import ParamGroups
     from flaxsst.parallel import initialize_distributed, pmap_eval_step, replicate
-    from flaxsst.tokenizer import Tokenizer
-
     from flaxsst.paths import cache_home, output_folder
+    from flaxsst.tokenizer import Tokenizer
 
     initialize_distributed(config)
     if output is not None:

@@ -90,12 +90,8 @@ def parse_computations(text: str) -> tuple[str, dict[str, list[tuple[str, str]]]
 
 
 def _attribute(text: str, name: str) -> str | None:
-    match = re.search(rf"\b{name}=%?([\w.\-]+)", text)
-    return match.group(1) if match else None
-
-
-def _custom_call_target(text: str) -> str | None:
-    match = re.search(r'custom_call_target="([^"]*)"', text)
+    """``name=value`` of an instruction: a computation (``%body``) or a quoted string (``"ConcatBitcast"``)."""
+    match = re.search(rf'\b{name}="?%?([\w.\-]+)', text)
     return match.group(1) if match else None
 
 
@@ -139,8 +135,8 @@ def count_kernels(text: str) -> KernelCount:
                     if sum(trial.values()) > sum(best.values()):
                         best = trial
                 kinds.update(best)
-            elif opcode == "custom-call" and _custom_call_target(rest) in NOT_KERNELS:
-                kinds[f"other:{_custom_call_target(rest)}"] += multiplier
+            elif opcode == "custom-call" and (target := _attribute(rest, "custom_call_target")) in NOT_KERNELS:
+                kinds[f"other:{target}"] += multiplier
             else:
                 base = opcode.removesuffix("-start")
                 kind = KINDS.get(opcode) or ("collective" if base in COLLECTIVES else f"other:{opcode}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flaxsst.errors import ConfigError
+from flaxsst.errors import ConfigError, not_utf8
 
 
 def cache_home() -> Path:
@@ -56,6 +56,4 @@ def read_text(path: str | os.PathLike, flag: str | None = None, error: type[Exce
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise error(f"{where}: line {line} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
-                          "save the file as UTF-8") from None
+        raise error(f"{where}: {not_utf8(e)}") from None

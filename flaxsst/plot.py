@@ -25,12 +25,16 @@ def _schedule(run: dict) -> tuple[list[int], list[float]]:
 
 
 def plot_workdir(workdir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw ``workdir``'s curves to ``out`` (default ``workdir/curves.png``)."""
+    """Draw ``workdir``'s curves to ``out`` (default ``workdir/curves.png``); a workdir without
+    records, or an ``out`` that is no image file, is an error before anything is written."""
     import matplotlib.pyplot as plt
 
     workdir = Path(workdir)
-    out = Path(out) if out else workdir / "curves.png"
-    fig = draw_curves(read_metrics(workdir), str(workdir))
+    records = read_metrics(workdir)
+    if not records["train"] and not records["eval"]:
+        raise DataError(f"{workdir / METRICS_FILE} holds no train or eval records yet; nothing to plot")
+    out = _image_file(out) if out is not None else workdir / "curves.png"
+    fig = draw_curves(records, str(workdir))
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
@@ -84,22 +88,21 @@ def draw_curves(records: dict[str, dict[int, dict]], title: str):
     return fig
 
 
-def main(args: argparse.Namespace) -> int:
+def _image_file(out: str | Path) -> Path:
+    """``--out``: a path ending in a format matplotlib writes, its folder created where missing."""
+    from matplotlib.figure import Figure
+
     from flaxsst.paths import output_file
 
-    records = read_metrics(args.workdir)  # a folder that is no workdir is named before --out's folder is made
-    if not records["train"] and not records["eval"]:
-        raise DataError(f"{Path(args.workdir) / METRICS_FILE} holds no train or eval records yet; nothing to plot")
-    out = None
-    if args.out is not None:
-        from matplotlib.figure import Figure
+    formats = Figure().canvas.get_supported_filetypes()
+    if Path(out).suffix.lstrip(".").lower() not in formats:
+        raise ConfigError(f"--out={out}: name a file ending in an image format "
+                          f"(.png, .pdf, .svg; any of {', '.join(sorted(formats))})")
+    return output_file(out, "--out")
 
-        formats = Figure().canvas.get_supported_filetypes()
-        if Path(args.out).suffix.lstrip(".").lower() not in formats:
-            raise ConfigError(f"--out={args.out}: name a file ending in an image format "
-                              f"(.png, .pdf, .svg; any of {', '.join(sorted(formats))})")
-        out = output_file(args.out, "--out")
-    print(plot_workdir(args.workdir, out))
+
+def main(args: argparse.Namespace) -> int:
+    print(plot_workdir(args.workdir, args.out))
     return cli.EXIT_OK
 
 

@@ -131,7 +131,7 @@ CASES = [
     ("evaluate-model-empty", lambda t, m: (["evaluate.py", "--model", "", "--config", "conf/tiny.yaml"], None),
      ["--model is empty"]),
     ("config-not-utf8", lambda t, m: (["train.py", "--config", str(_write_bytes(t / "c.yaml", b"train:\n  seed: \xfb1\n")),
-                                       "--workdir", str(t / "w")], None), ["c.yaml: not UTF-8 text (byte 0xfb at offset 15)"]),
+                                       "--workdir", str(t / "w")], None), ["c.yaml: line 2 is not UTF-8 text (byte 0xfb at offset 15)"]),
     ("plot-no-records", lambda t, m: (["-m", "flaxsst.plot", str(_write(t / "metrics.jsonl", "not json\n").parent)], None),
      ["metrics.jsonl holds no train or eval records yet"]),
     ("plot-out-not-an-image", lambda t, m: (["-m", "flaxsst.plot", str(_write(t / "metrics.jsonl", ONE_RECORD).parent), "--out", str(t / "c.txt")], None),
