@@ -7,9 +7,9 @@ the recipe's programs. One JSON line per measurement.
     python -m bench.kernels --cpu-compile --pretrained ../shared/data/minilm-l6   # the MiniLM recipe's programs
 
 DistilBERT-base shapes (768/6/12/3072, vocab 30522) in bfloat16 with the recipe's optimizer
-(conf/sst2.yaml). The variants are ``bench.step_variants``' layouts: ``grouped`` (the trainer's),
-``tree`` (one array per tensor, the default before the groups), ``flat`` and ``stacked`` (the
-blocks scanned). Kernels are counted as ``flaxsst.hlo`` defines them: a loop body once per trip.
+(conf/sst2.yaml). The variants are ``bench.step_variants``': ``grouped`` (the trainer's, with the
+TPU attention kernels), ``einsum`` (the trainer's with the einsum attention), ``tree`` (one array per
+tensor, the default before the groups and the kernels), ``flat`` and ``stacked`` (the blocks scanned). Kernels are counted as ``flaxsst.hlo`` defines them: a loop body once per trip.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from flaxsst.parallel import pmap_eval_step  # noqa: E402
 from flaxsst.trainer import precision_of  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-VARIANTS = ("grouped", "tree", "flat", "stacked")
+VARIANTS = ("grouped", "einsum", "tree", "flat", "stacked")
 
 
 def _variant_steps(config, variant: str, devices: list | None):

@@ -2,9 +2,12 @@
 ``bench.kernels``; a candidate becomes the product path only when the numbers support it
 (bench/RESULTS.md).
 
-- ``grouped``: the trainer's step, the parameters in groups (``flaxsst.param_groups``).
-- ``tree``, ``flat``, ``stacked``: the same step over ``bench.layouts``' layouts (one array per
-  tensor; one vector; the blocks stacked and scanned).
+- ``grouped``: the trainer's step, the parameters in groups (``flaxsst.param_groups``), on a TPU
+  with the attention kernels (``flaxsst.attention``).
+- ``einsum``: the trainer's step with the einsum attention everywhere (``Precision(attention="xla")``).
+- ``tree``, ``flat``, ``stacked``: the step over ``bench.layouts``' layouts (one array per tensor;
+  one vector; the blocks stacked and scanned), with the einsum attention: ``tree`` is the default
+  step before the groups and the kernels.
 - ``allrows``: the trainer's step with the classifier's last block over every position, as
   transformers computes it (``DistilBertForSequenceClassification(cls_only=False)``).
   ``bench.throughput`` takes it for inference too.
@@ -17,6 +20,7 @@ step is.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -36,13 +40,14 @@ LAYOUTS = ("grouped", "tree", "flat", "stacked")
 def parse(variant: str) -> tuple[str, int]:
     """``"flat_scan4"`` -> ``("flat", 4)``; ``"scan4"`` -> ``("grouped", 4)``; ``"allrows"`` ->
     ``("grouped", 1)`` (``allrows`` changes the model, not the step: ``model_for``)."""
-    if variant == "allrows":
+    if variant in ("allrows", "einsum"):
         return "grouped", 1
     base, _, k = variant.partition("_scan")
     if variant.startswith("scan"):
         base, k = "grouped", variant[len("scan"):]
     if base not in LAYOUTS or not (k == "" or k.isdigit()):
-        raise ValueError(f"variant {variant!r}: expected allrows, scan<k>, or one of {LAYOUTS}, optionally with _scan<k>")
+        raise ValueError(f"variant {variant!r}: expected allrows, einsum, scan<k>, or one of {LAYOUTS}, "
+                         "optionally with _scan<k>")
     return base, int(k) if k else 1
 
 
@@ -59,8 +64,10 @@ def layout_for(variant: str, params: Any, config: ModelConfig, precision: Precis
 
 def model_for(variant: str, config: ModelConfig, precision: Precision = Precision()):
     """The classifier a variant runs: the product's ([CLS]-only last block) but for ``allrows``, and
-    the scanned one for ``stacked``."""
+    the scanned one for ``stacked``; the einsum attention for every variant but the trainer's."""
     name, _ = parse(variant)
+    if name != "grouped" or variant == "einsum":
+        precision = dataclasses.replace(precision, attention="xla")
     if name == "stacked":
         return layouts.ScannedClassifier(config, precision)
     return DistilBertForSequenceClassification(config, precision, cls_only=variant != "allrows")

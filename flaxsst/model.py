@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxsst.attention import attention as tpu_attention
+from flaxsst.attention import supported as tpu_attention_supported
 from flaxsst.config import ModelConfig, parse_dtype
 from flaxsst.errors import ConfigError
 
@@ -34,7 +36,8 @@ from flaxsst.errors import ConfigError
 class Precision:
     """How the model computes, apart from what it is: the matmuls' dtype, the residual stream's
     (``None``: the same), and the attention kernel ("auto": cuDNN's fused attention for
-    half-precision inference on a GPU; "xla": always the einsum path)."""
+    half-precision inference on a GPU, ``flaxsst.attention``'s Pallas kernels in every program
+    compiled for a TPU; "xla": always the einsum path)."""
 
     dtype: Any = jnp.float32
     residual_dtype: Any = None
@@ -167,6 +170,20 @@ class Embeddings(nn.Module):
         return nn.Dropout(config.dropout)(hidden, deterministic=deterministic)
 
 
+def _tpu_or_default(args: tuple, tpu, default):
+    """``tpu(*args)`` in a program compiled for a TPU, ``default(*args)`` elsewhere (chosen when the
+    program is lowered, so a TPU program compiled ahead of time on a CPU takes the TPU path)."""
+    return jax.lax.platform_dependent(*args, tpu=tpu, default=default)
+
+
+class _DropoutKey(nn.Module):
+    """The key an ``nn.Dropout`` of this name would draw its mask with."""
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.make_rng("dropout")
+
+
 class MultiHeadSelfAttention(nn.Module):
     config: ModelConfig
     precision: Precision = Precision()
@@ -186,19 +203,41 @@ class MultiHeadSelfAttention(nn.Module):
 
         query = heads("q_lin", hidden[:, :1] if cls_only else hidden)
         key, value = heads("k_lin", hidden), heads("v_lin", hidden)
-        keep = attention_mask[:, None, None, :].astype(bool)
         if deterministic and not cls_only and _fused_attention_available(config, precision):
             # cuDNN's fused kernel never writes the [batch, heads, seq, seq] scores to memory (one
             # query row's scores are small, so cls_only keeps the einsum path the probe covered).
+            keep = attention_mask[:, None, None, :].astype(bool)
             context = jax.nn.dot_product_attention(query, key, value, mask=keep, implementation="cudnn")
-        else:
-            query = query / jnp.asarray(math.sqrt(head_dim), precision.dtype)
+            context = context.reshape(batch, query.shape[1], config.dim)
+            return _dense(config, precision, config.dim, "out_lin")(context)
+        query = query / jnp.asarray(math.sqrt(head_dim), precision.dtype)
+        rate = config.attention_dropout
+        dropout_keep = None
+        if not deterministic and rate > 0.0:
+            # drawn as nn.Dropout draws its mask (the same key: a child named Dropout_0), so both paths drop alike
+            rng = dropout_key if dropout_key is not None else _DropoutKey(name="Dropout_0")()
+            dropout_keep = jax.random.bernoulli(rng, p=1.0 - rate, shape=(batch, config.n_heads, query.shape[1],
+                                                                     key.shape[1]))
+
+        def einsum_path(query, key, value, attention_mask, dropout_keep):
             scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-            scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+            scores = jnp.where(attention_mask[:, None, None, :].astype(bool), scores, jnp.finfo(jnp.float32).min)
             weights = jax.nn.softmax(scores, axis=-1).astype(precision.dtype)
-            weights = nn.Dropout(config.attention_dropout)(weights, deterministic=deterministic, rng=dropout_key)
-            context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-        context = context.reshape(batch, query.shape[1], config.dim)
+            if dropout_keep is not None:
+                weights = jax.lax.select(dropout_keep, weights / (1.0 - rate), jnp.zeros_like(weights))
+            return jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, query.shape[1], config.dim)
+
+        def kernel_path(query, key, value, attention_mask, dropout_keep):
+            rows = (batch, -1, config.dim)
+            return tpu_attention(query.reshape(rows), key.reshape(rows), value.reshape(rows), attention_mask,
+                                 dropout_keep, config.n_heads, rate)
+
+        args = (query, key, value, attention_mask, dropout_keep)
+        # on a TPU: two kernels per block instead of ~12 (bench/RESULTS.md, kernels per train step)
+        if precision.attention != "xla" and not cls_only and tpu_attention_supported(query.shape[1], key.shape[1]):
+            context = _tpu_or_default(args, kernel_path, einsum_path)
+        else:
+            context = einsum_path(*args)
         return _dense(config, precision, config.dim, "out_lin")(context)
 
 

@@ -97,6 +97,7 @@ def test_allrows_variant_trains_as_the_cls_only_classifier():
 def test_variant_names_are_parsed_and_bad_ones_named():
     assert step_variants.parse("grouped") == ("grouped", 1)
     assert step_variants.parse("allrows") == ("grouped", 1)
+    assert step_variants.parse("einsum") == ("grouped", 1)
     assert step_variants.parse("flat") == ("flat", 1)
     assert step_variants.parse("scan4") == ("grouped", 4)
     assert step_variants.parse("stacked_scan8") == ("stacked", 8)
