@@ -198,6 +198,10 @@ def compile_program(kind: str, fn, args: tuple, slice_: Slice, length: int, rows
         message = str(e)
         record["compile_s"] = round(time.perf_counter() - start, 1)
         match = next((m for m in (pattern.search(message) for pattern in _OOM) if m), None)
+        if "vmem" in message.lower() and not match:  # a kernel's on-chip scratch, not the chip's HBM
+            raise ConfigError(f"the {kind} program at {length} tokens does not compile for {slice_.name}: a kernel runs out "
+                              f"of on-chip memory (VMEM); model.attention=xla keeps the attention out of the TPU kernels "
+                              f"({message.strip().splitlines()[0][:200]})") from None
         if "RESOURCE_EXHAUSTED" not in message and not match:
             raise
         used = _bytes(*match.group(1, 2)) if match else None

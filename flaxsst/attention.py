@@ -43,13 +43,13 @@ def _softmax_weights(q, k, keep_row, dropout_head, keep_prob):
     unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     probabilities = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
     weights = probabilities.astype(q.dtype)
-    if keep_prob < 1.0:
+    if dropout_head is not None:
         weights = jnp.where(dropout_head != 0, weights / jnp.asarray(keep_prob, weights.dtype), jnp.zeros_like(weights))
     return probabilities, weights
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, keep_ref, *refs, heads, head_dim, keep_prob):
-    dropout_ref, out_ref = refs if keep_prob < 1.0 else (None, refs[0])
+    dropout_ref, out_ref = refs if keep_prob is not None else (None, refs[0])
     keep_row = keep_ref[0]
     for head in range(heads):
         columns = _head_slice(head, head_dim)
@@ -59,7 +59,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, keep_ref, *refs, heads, head_dim, keep_
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, keep_ref, *refs, heads, head_dim, keep_prob):
-    dropout_ref, dout_ref, dq_ref, dk_ref, dv_ref = refs if keep_prob < 1.0 else (None, *refs)
+    dropout_ref, dout_ref, dq_ref, dk_ref, dv_ref = refs if keep_prob is not None else (None, *refs)
     keep_row = keep_ref[0]
     contract_rows = (((0,), (0,)), ((), ()))
     for head in range(heads):
@@ -71,7 +71,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, keep_ref, *refs, heads, head_dim, keep
                                                     preferred_element_type=jnp.float32).astype(dv_ref.dtype)
         dweights = jax.lax.dot_general(dout, v, (((1,), (1,)), ((), ())),
                                        preferred_element_type=jnp.float32).astype(q.dtype)
-        if keep_prob < 1.0:
+        if dropout_keep is not None:
             dweights = jnp.where(dropout_keep != 0, dweights / jnp.asarray(keep_prob, dweights.dtype),
                                  jnp.zeros_like(dweights))
         dprobabilities = dweights.astype(jnp.float32)
@@ -95,7 +95,7 @@ def _specs(shape: tuple, heads: int, dropout: bool, n: int) -> list:
 def _forward(query, key, value, keep, dropout_keep, heads, keep_prob, interpret):
     batch, length, features = query.shape
     kernel = functools.partial(_forward_kernel, heads=heads, head_dim=features // heads, keep_prob=keep_prob)
-    dropout = keep_prob < 1.0
+    dropout = keep_prob is not None
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(query.shape, query.dtype), grid=(batch,),
                           in_specs=_specs(query.shape, heads, dropout, 0),
                           out_specs=pl.BlockSpec((1, length, features), lambda b: (b, 0, 0)),
@@ -121,7 +121,7 @@ def _backward(query, key, value, keep, dropout_keep, dout, heads, keep_prob, int
     batch, length, features = query.shape
     kernel = functools.partial(_backward_kernel, heads=heads, head_dim=features // heads, keep_prob=keep_prob)
     out = pl.BlockSpec((1, length, features), lambda b: (b, 0, 0))
-    dropout = keep_prob < 1.0
+    dropout = keep_prob is not None
     dq, dk, dv = pl.pallas_call(kernel, out_shape=[jax.ShapeDtypeStruct(query.shape, query.dtype)] * 3,
                                 grid=(batch,), in_specs=_specs(query.shape, heads, dropout, 1), out_specs=[out] * 3,
                                 interpret=interpret)(query, key, value, keep, *([dropout_keep] if dropout else []),
@@ -135,14 +135,26 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, keep: jax.Array, dropout_keep: jax.Array | None,
               heads: int, rate: float, interpret: bool = False) -> jax.Array:
     """``query, key, value [batch, length, heads * head_dim]`` (``query`` scaled), ``keep [batch, length]``
-    (1 = token), ``dropout_keep [batch, heads, length, length]`` (bool: kept by dropout; ``None``: no
-    dropout) -> the context ``[batch, length, heads * head_dim]``."""
-    keep_prob = 1.0 if dropout_keep is None else 1.0 - rate
+    (1 = token), ``dropout_keep [batch, heads, length, length]`` (bool: kept by dropout, the kept
+    weights scaled by ``1 / (1 - rate)``, ``rate < 1``; ``None``: no dropout) -> the context
+    ``[batch, length, heads * head_dim]``."""
+    keep_prob = None if dropout_keep is None else 1.0 - rate
     dropout_keep = None if dropout_keep is None else dropout_keep.astype(jnp.int8)
     return _attention(query, key, value, keep.astype(jnp.int32)[:, None, :], dropout_keep, heads, keep_prob, interpret)
 
 
-def supported(query_length: int, key_length: int) -> bool:
-    """The shapes the kernels take: every position queries (not the [CLS]-only last block), and the
-    length fills the TPU's 8-row tiles."""
-    return query_length == key_length and key_length % 8 == 0
+# One batch row's [length, heads * head_dim] block, at most. The backward kernel keeps several such
+# blocks and its [length, length] temporaries in the 16 MiB of on-chip memory (VMEM) a kernel gets:
+# in a DistilBERT-base train step in float32 with dropout it fits at 256 tokens (768 KiB rows) and
+# not at 384 (1.1 MiB); in bfloat16 it fits at 512 (768 KiB). bench/RESULTS.md lists what compiles.
+ROW_BYTES = 768 * 1024
+
+
+def supported(query_length: int, key_length: int, features: int, dtype) -> bool:
+    """What the kernels take: every position queries (not the [CLS]-only last block), the length
+    fills the TPU's 8-row tiles, a batch row fits ``ROW_BYTES``, and the compute dtype is bfloat16
+    or float32 (Mosaic does not load float16 vectors)."""
+    dtype = jnp.dtype(dtype)
+    return (query_length == key_length and key_length % 8 == 0
+            and key_length * features * dtype.itemsize <= ROW_BYTES
+            and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)))

@@ -133,6 +133,7 @@ class ModelSection:
     labels: list[str] = dataclasses.field(default_factory=list)  # id2label in order; [] = the checkpoint's
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
     residual_dtype: str = ""  # LayerNorm outputs / residual stream; "" = dtype, float32 = autocast-style bf16
+    attention: str = "auto"  # auto: cuDNN / the TPU kernels where they apply; xla: the einsum path everywhere
 
 
 @dataclasses.dataclass
@@ -347,6 +348,8 @@ def _validate(config: TrainConfig) -> None:
             for part in key.split("."):
                 value = getattr(value, part)
             raise ConfigError(f"config key {key!r} = {value!r}; expected {want}")
+    if config.model.attention not in ("auto", "xla"):
+        raise ConfigError(f"config key 'model.attention' = {config.model.attention!r}; expected 'auto' or 'xla'")
     for key in ("dtype", "residual_dtype"):
         value = getattr(config.model, key)
         if key == "residual_dtype" and not value:

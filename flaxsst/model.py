@@ -213,7 +213,8 @@ class MultiHeadSelfAttention(nn.Module):
         query = query / jnp.asarray(math.sqrt(head_dim), precision.dtype)
         rate = config.attention_dropout
         dropout_keep = None
-        if not deterministic and rate > 0.0:
+        drop_all = not deterministic and rate >= 1.0  # nn.Dropout's rate 1: zeros, no key drawn
+        if not deterministic and 0.0 < rate < 1.0:
             # drawn as nn.Dropout draws its mask (the same key: a child named Dropout_0), so both paths drop alike
             rng = dropout_key if dropout_key is not None else _DropoutKey(name="Dropout_0")()
             dropout_keep = jax.random.bernoulli(rng, p=1.0 - rate, shape=(batch, config.n_heads, query.shape[1],
@@ -223,6 +224,8 @@ class MultiHeadSelfAttention(nn.Module):
             scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
             scores = jnp.where(attention_mask[:, None, None, :].astype(bool), scores, jnp.finfo(jnp.float32).min)
             weights = jax.nn.softmax(scores, axis=-1).astype(precision.dtype)
+            if drop_all:
+                weights = jnp.zeros_like(weights)
             if dropout_keep is not None:
                 weights = jax.lax.select(dropout_keep, weights / (1.0 - rate), jnp.zeros_like(weights))
             return jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, query.shape[1], config.dim)
@@ -234,7 +237,8 @@ class MultiHeadSelfAttention(nn.Module):
 
         args = (query, key, value, attention_mask, dropout_keep)
         # on a TPU: two kernels per block instead of ~12 (bench/RESULTS.md, kernels per train step)
-        if precision.attention != "xla" and not cls_only and tpu_attention_supported(query.shape[1], key.shape[1]):
+        if (precision.attention != "xla" and not cls_only and not drop_all
+                and tpu_attention_supported(query.shape[1], key.shape[1], config.dim, precision.dtype)):
             context = _tpu_or_default(args, kernel_path, einsum_path)
         else:
             context = einsum_path(*args)

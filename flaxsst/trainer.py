@@ -107,7 +107,7 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer) -> tuple[ModelConfig,
 
 
 def precision_of(config: TrainConfig) -> Precision:
-    return Precision(config.model.dtype, config.model.residual_dtype or None)
+    return Precision(config.model.dtype, config.model.residual_dtype or None, config.model.attention)
 
 
 @dataclasses.dataclass
