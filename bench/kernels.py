@@ -9,7 +9,8 @@ the recipe's programs. One JSON line per measurement.
 DistilBERT-base shapes (768/6/12/3072, vocab 30522) in bfloat16 with the recipe's optimizer
 (conf/sst2.yaml). The variants are ``bench.step_variants``': ``grouped`` (the trainer's, with the
 TPU attention kernels), ``einsum`` (the trainer's with the einsum attention), ``tree`` (one array per
-tensor, the default before the groups and the kernels), ``flat`` and ``stacked`` (the blocks scanned). Kernels are counted as ``flaxsst.hlo`` defines them: a loop body once per trip.
+tensor, the default before the groups and the kernels), ``flat`` and ``stacked`` (the blocks
+scanned). Kernels are counted as ``flaxsst.hlo`` defines them: a loop body once per trip.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu is loaded for the topolo
 import jax  # noqa: E402
 
 from bench import step_variants  # noqa: E402
+from flaxsst import cli  # noqa: E402
 from flaxsst.aot import batch_shapes, compile_program, model_config_of, parse_slice, per_device, topology_devices  # noqa: E402
 from flaxsst.config import load_train_config  # noqa: E402
 from flaxsst.evaluation import global_eval_batch  # noqa: E402
-from flaxsst.model import init_params  # noqa: E402
+from flaxsst.model import init_params, precision_of  # noqa: E402
 from flaxsst.parallel import pmap_eval_step  # noqa: E402
-from flaxsst.trainer import precision_of  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = ("grouped", "einsum", "tree", "flat", "stacked")
@@ -81,7 +82,7 @@ def cpu_compile(variant: str, pretrained: str, repeat: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(description=cli.first_paragraph(__doc__))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--lengths", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--topology", default="v5e:2x2")

@@ -16,12 +16,13 @@ import time
 
 import jax
 
+from flaxsst import cli
 from flaxsst.config import load_train_config
 from flaxsst.trainer import Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(description=cli.first_paragraph(__doc__))
     parser.add_argument("--config", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--tokenizer", help="tokenizer folder when model.pretrained is empty (random init)")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import step_variants
+from flaxsst import cli
 from flaxsst.config import ModelConfig, load_train_config
 from flaxsst.model import Precision, init_params
 from flaxsst.parallel import pmap_eval_step, put_batch, replicate
@@ -249,7 +250,7 @@ def plot_sweep(rows: list[dict], path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(description=cli.first_paragraph(__doc__))
     parser.add_argument("--batch", type=int, nargs="+", default=[256])
     parser.add_argument("--seq", type=int, nargs="+", default=[128])
     parser.add_argument("--dtype", default="bf16")

@@ -123,6 +123,9 @@ class ModelConfig:
 # The defaults below only make the schema complete; the recipe's numbers live in conf/*.yaml.
 
 
+ATTENTION_KINDS = ("auto", "xla")  # model.attention / Precision.attention
+
+
 @dataclasses.dataclass
 class ModelSection:
     pretrained: str = ""  # HF folder or hub id to start from; "" = a random init of model.config's shape
@@ -348,7 +351,7 @@ def _validate(config: TrainConfig) -> None:
             for part in key.split("."):
                 value = getattr(value, part)
             raise ConfigError(f"config key {key!r} = {value!r}; expected {want}")
-    if config.model.attention not in ("auto", "xla"):
+    if config.model.attention not in ATTENTION_KINDS:
         raise ConfigError(f"config key 'model.attention' = {config.model.attention!r}; expected 'auto' or 'xla'")
     for key in ("dtype", "residual_dtype"):
         value = getattr(config.model, key)

@@ -60,7 +60,7 @@ def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | 
     """Evaluate a HF folder / hub id / export on ``config.data.eval_split`` over all devices;
     print the table and write ``eval_results.json`` to ``output``."""
     from flaxsst.convert import load_pretrained
-    from flaxsst.model import DistilBertForSequenceClassification, Precision
+    from flaxsst.model import DistilBertForSequenceClassification, precision_of
     from flaxsst.param_groups import ParamGroups
     from flaxsst.parallel import initialize_distributed, pmap_eval_step, replicate
     from flaxsst.paths import cache_home, output_folder
@@ -74,7 +74,7 @@ def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | 
     tokenizer = Tokenizer.from_pretrained(model, config.data.max_seq_length, key="--model")
     cache_dir = Path(config.data.cache_dir or cache_home() / "tokens")
     split = load_tokenized(config.data, config.data.eval_split, tokenizer, model_config.label2id, cache_dir, config.train.seed)
-    precision = Precision(config.model.dtype, config.model.residual_dtype or None, config.model.attention)
+    precision = precision_of(config)
     groups = ParamGroups(params, precision.dtype)
     eval_fn = pmap_eval_step(DistilBertForSequenceClassification(model_config, precision), groups)
     metrics = evaluate(eval_fn, replicate(groups.pack(params)), split, model_config, config, tokenizer.pad_id)

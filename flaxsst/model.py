@@ -28,7 +28,7 @@ import numpy as np
 
 from flaxsst.attention import attention as tpu_attention
 from flaxsst.attention import supported as tpu_attention_supported
-from flaxsst.config import ModelConfig, parse_dtype
+from flaxsst.config import ATTENTION_KINDS, ModelConfig, parse_dtype
 from flaxsst.errors import ConfigError
 
 
@@ -47,12 +47,18 @@ class Precision:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         if self.residual_dtype is not None:
             object.__setattr__(self, "residual_dtype", parse_dtype(self.residual_dtype))
-        if self.attention not in ("auto", "xla"):
+        if self.attention not in ATTENTION_KINDS:
             raise ConfigError(f"attention={self.attention!r}; expected 'auto' or 'xla'")
 
     @property
     def layer_norm_dtype(self) -> Any:
         return self.residual_dtype or self.dtype
+
+
+def precision_of(config: Any) -> Precision:
+    """The ``Precision`` a training config's model section asks for (``model.dtype``,
+    ``model.residual_dtype``, ``model.attention``)."""
+    return Precision(config.model.dtype, config.model.residual_dtype or None, config.model.attention)
 
 
 def sinusoidal_position_table(n_pos: int, dim: int) -> np.ndarray:

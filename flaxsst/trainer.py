@@ -41,7 +41,7 @@ from flaxsst.errors import CheckpointError, ConfigError, FlaxsstError, Interrupt
 from flaxsst.evaluation import check_sequence_length, evaluate, global_eval_batch, write_results
 from flaxsst.metric_log import METRICS_FILE, Console, MetricLog, record_values
 from flaxsst.metrics import format_table
-from flaxsst.model import DistilBertForSequenceClassification, Precision, init_params
+from flaxsst.model import DistilBertForSequenceClassification, init_params, precision_of
 from flaxsst.optimizer import linear_warmup_decay, make_optimizer
 from flaxsst.param_groups import ParamGroups
 from flaxsst.parallel import (
@@ -104,10 +104,6 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer) -> tuple[ModelConfig,
     model_config = ModelConfig(**{"vocab_size": tokenizer.vocab_size, **model_overrides(config)})
     check_sequence_length(config, model_config, "model.config.max_position_embeddings")
     return model_config, init_params(model_config, config.train.seed)
-
-
-def precision_of(config: TrainConfig) -> Precision:
-    return Precision(config.model.dtype, config.model.residual_dtype or None, config.model.attention)
 
 
 @dataclasses.dataclass

@@ -168,7 +168,7 @@ def test_the_kernels_take_what_fits_the_tpus_tiles_and_on_chip_memory():
 def test_model_attention_is_a_config_key_checked_by_name():
     from flaxsst.config import load_train_config
     from flaxsst.errors import ConfigError
-    from flaxsst.trainer import precision_of
+    from flaxsst.model import precision_of
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
     assert precision_of(load_train_config(conf, ["model.attention=xla"])).attention == "xla"
