@@ -1,6 +1,7 @@
 """The candidates of bench/ do the trainer's math (so bench figures compare like with like)."""
 
 import functools
+import json
 
 import jax
 import numpy as np
@@ -147,3 +148,19 @@ def test_trace_summary_counts_kernels_busy_time_and_span_per_step(tmp_path):
     assert stream["span_ms_per_step"] == 230 / 1e3 / 2
     assert stream["top_us_per_step"] == {"fusion": 20.0, "gemm": 15.0}
     assert summary["host_dispatch_ms"] == 0.4
+
+
+def test_same_math_compares_two_runs_losses_step_by_step(tmp_path):
+    from bench.same_math import compare_losses
+
+    def write(name, losses):
+        rows = [{"kind": "train", "step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
+        rows.insert(1, {"kind": "eval", "step": 1, "loss": 9.0})  # eval rows are not train losses
+        (tmp_path / name).write_text("\n".join(map(json.dumps, rows)) + "\n")
+        return tmp_path / name
+
+    before = write("a.jsonl", [0.7, 0.6, 0.5, 0.4])
+    after = write("b.jsonl", [0.7, 0.6 + 2e-6, 0.5 - 3e-5, 0.4])
+    got = compare_losses(before, after, 1e-5)
+    assert (got["steps"], got["bitwise"], got["first_differing"], got["beyond_tolerance"], got["max_at"]) == (4, 2, 2, [3], 3)
+    assert got["max_diff"] == pytest.approx(3e-5)
