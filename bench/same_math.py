@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -31,6 +32,7 @@ from bench import layouts  # noqa: E402
 from flaxsst import cli  # noqa: E402
 from flaxsst.aot import model_config_of  # noqa: E402
 from flaxsst.config import load_train_config  # noqa: E402
+from flaxsst.errors import DataError  # noqa: E402
 from flaxsst.model import DistilBertForSequenceClassification, init_params, precision_of  # noqa: E402
 from flaxsst.optimizer import make_optimizer  # noqa: E402
 from flaxsst.param_groups import ParamGroups  # noqa: E402
@@ -40,7 +42,27 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def train_losses(path: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == "train"}
+    """``{step: loss}`` of a metrics.jsonl's train records (a run's folder names its metrics.jsonl); a
+    last line cut short (a killed run) is skipped."""
+    if path.is_dir() and (path / "metrics.jsonl").is_file():
+        path = path / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    losses = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise DataError(f"{path}: line {number} is not a JSON record; expected a run's metrics.jsonl") from None
+        if isinstance(record, dict) and record.get("kind") == "train":
+            losses[record["step"]] = record["loss"]
+    if not losses:
+        raise DataError(f"{path}: no train records; expected a run's metrics.jsonl (train.log_every_steps=1 logs every step)")
+    return losses
 
 
 def compare_losses(before: Path, after: Path, tolerance: float) -> dict:
@@ -116,26 +138,34 @@ def compare_steps(pretrained: str, steps: int, layers: int, length: int, learnin
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=cli.first_paragraph(__doc__))
-    sub = parser.add_subparsers(dest="command", required=True)
-    losses = sub.add_parser("losses", help="compare the per-step train losses of two metrics.jsonl files")
-    losses.add_argument("before", type=Path)
-    losses.add_argument("after", type=Path)
-    losses.add_argument("--tolerance", type=float, default=1e-5)
-    steps = sub.add_parser("steps", help="the groups' step and the tree's step side by side")
-    steps.add_argument("--pretrained", required=True, help="the MiniLM folder whose config.json gives the shapes")
-    steps.add_argument("--steps", type=int, default=20)
-    steps.add_argument("--layers", type=int, default=0, help="blocks (default: the folder's)")
-    steps.add_argument("--length", type=int, default=32)
-    steps.add_argument("--learning-rate", type=float, default=1e-4)
-    steps.add_argument("--warmup", type=int, default=0)
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> int:
+    """Exit 0; for ``losses``, 1 when a step differs by more than the tolerance (as ``cmp`` does)."""
     if args.command == "losses":
-        print(json.dumps(compare_losses(args.before, args.after, args.tolerance)))
-    else:
-        compare_steps(args.pretrained, args.steps, args.layers, args.length, args.learning_rate, args.warmup)
+        if len(args.files) != 2:
+            raise DataError(f"losses takes two metrics.jsonl files (before, after); got {len(args.files)}")
+        result = compare_losses(*args.files, args.tolerance)
+        print(json.dumps(result))
+        return 1 if result["beyond_tolerance"] else cli.EXIT_OK
+    if args.files or not args.pretrained:
+        raise DataError("steps takes --pretrained DIR (the MiniLM folder) and no files")
+    compare_steps(args.pretrained, args.steps, args.layers, args.length, args.learning_rate, args.warmup)
+    return cli.EXIT_OK
+
+
+def parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m bench.same_math", description=cli.first_paragraph(__doc__))
+    parser.add_argument("command", choices=("losses", "steps"),
+                        help="losses: compare two runs' metrics.jsonl; steps: the groups' step beside the tree's")
+    parser.add_argument("files", nargs="*", type=Path, help="losses: BEFORE/metrics.jsonl AFTER/metrics.jsonl")
+    parser.add_argument("--tolerance", type=float, default=1e-5, help="losses: the largest difference per step")
+    parser.add_argument("--pretrained", help="steps: the MiniLM folder whose config.json gives the shapes")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=0, help="steps: blocks (default: the folder's)")
+    parser.add_argument("--length", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=int, default=0)
+    return parser
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, parser()))

@@ -32,9 +32,15 @@ from flaxsst.parallel import pmap_eval_step, put_batch, replicate
 INFER_VARIANTS = ("grouped", "allrows", "stacked")  # the inference cases take these of --variant
 RECIPE = Path(__file__).resolve().parents[1] / "conf" / "sst2.yaml"  # the train steps' optimizer and schedule
 
-# Dense peak of an H100 SXM (datasheet, no sparsity). The bench also prints the measured
-# bf16 matmul ceiling of ../shared/bench/README.md (~790 TFLOP/s) for reference.
-PEAK_TFLOPS = {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}
+# Dense peaks (datasheets, no sparsity) per device kind: the H100 SXM's, which the H200 shares; the
+# bench also prints the measured bf16 matmul ceiling of ../shared/bench/README.md (~790 TFLOP/s) for
+# reference. Another device has no stated peak here, and its MFU is null.
+_HOPPER = {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}
+PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": _HOPPER, "NVIDIA H200": _HOPPER}
+
+
+def peak_tflops(dtype: str) -> float | None:
+    return PEAK_TFLOPS.get(jax.devices()[0].device_kind, {}).get(dtype)
 
 
 def forward_flops(config: ModelConfig, seq: int, cls_only: bool = True) -> float:
@@ -111,12 +117,12 @@ def bench_case(mode: str, batch: int, seq: int, dtype: str, n_devices: int, step
     if profile:
         trace = profile_summary(call, steps, per_dispatch, f"{profile}/{mode}-{variant}-b{batch}-s{seq}-{dtype}")
     flops = forward_flops(config, seq, variant != "allrows") * batch * (3 if mode == "train" else 1)
-    peak = PEAK_TFLOPS[jnp.dtype(precision.dtype).name]
+    peak = peak_tflops(jnp.dtype(precision.dtype).name)
     return {
         "what": f"flaxsst_{mode}", "variant": variant, "batch": batch, "seq": seq, "dtype": jnp.dtype(precision.dtype).name,
         "devices": n_devices, "step_ms": round(step_s * 1e3, 3), "examples_per_s": round(batch / step_s, 1),
         "tokens_per_s": round(batch * seq / step_s), "tflops": round(flops / step_s / 1e12, 1),
-        "mfu": round(flops / step_s / 1e12 / peak, 3), "peak_tflops": peak,
+        "mfu": round(flops / step_s / 1e12 / peak, 3) if peak else None, "peak_tflops": peak,
         "first_call_s": round(first_call, 2), "peak_memory_gb": (round(_peak_memory() / 2**30, 2) if _peak_memory() else None),
         **({"profile": trace} if trace else {}),
     }

@@ -55,6 +55,13 @@ def run(main: Callable[[argparse.Namespace], int], parser: ArgumentParser, argv:
 
     try:
         return main(args)
+    except KeyboardInterrupt:  # Ctrl-C where no handler of ours saves anything (evaluate, predict, aot, start-up)
+        if debug:
+            raise
+        print("interrupted; nothing was saved, rerun the same command", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)  # at once: tearing the interpreter down under XLA's compiling threads can crash it
     except Interrupted as error:
         if debug:
             raise

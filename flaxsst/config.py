@@ -344,6 +344,8 @@ def _validate(config: TrainConfig) -> None:
         (data.max_seq_length >= 2, "data.max_seq_length", "at least 2"),
         (all(2 <= b <= data.max_seq_length for b in data.length_buckets),
          "data.length_buckets", f"lengths in [2, data.max_seq_length={data.max_seq_length}]"),
+        (all(str(name).strip() for name in config.model.labels) and len(set(config.model.labels)) == len(config.model.labels),
+         "model.labels", "distinct, non-empty names (id2label in order), or [] for the checkpoint's"),
     ]
     for ok, key, want in checks:
         if not ok:

@@ -184,6 +184,9 @@ def _label_id(value, label2id: dict[str, int], num_labels: int) -> int | None:
 def read_split(data: DataSection, split: str, label2id: dict[str, int], seed: int = 0) -> tuple[list[str], np.ndarray, str]:
     """``(texts, labels, source)``; a bad row raises ``DataError`` naming the file and the row."""
     if data.path == "synthetic":
+        if len(label2id) < 2:
+            raise DataError(f"data.path=synthetic has 2 classes (0 negative, 1 positive); the model has "
+                            f"{len(label2id)} label {sorted(label2id)}: set model.labels to two names")
         size = data.synthetic_train_size if split == "train" else data.synthetic_eval_size
         texts, labels = synthetic_sentiment(size, seed + (0 if split == "train" else 1))
         return texts, np.asarray(labels, dtype=np.int32), f"synthetic [{split}]"

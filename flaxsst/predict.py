@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from flaxsst import cli
 from flaxsst.config import ModelConfig
 from flaxsst.data import pick_length
-from flaxsst.errors import ConfigError, DataError
+from flaxsst.errors import ConfigError, DataError, not_utf8
 from flaxsst.metrics import softmax
 from flaxsst.model import DistilBertForSequenceClassification, Precision
 from flaxsst.runtime import enable_compilation_cache
@@ -49,17 +49,24 @@ def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
 
 
 def validate_texts(texts: Any) -> list[str]:
-    """A string is a list of one; every item must be a string (``TypeError`` names the first that is not)."""
-    if isinstance(texts, str):
-        return [texts]
+    """A string is a list of one; every item must be a string (``TypeError`` names the first that is
+    not) of Unicode text (``ValueError`` names the first holding a lone surrogate, as text decoded
+    with ``errors="surrogateescape"`` or JSON's ``"\\ud800"`` does)."""
     if isinstance(texts, (bytes, bytearray)):
         raise TypeError(f"expected a string or a list of strings, got {type(texts).__name__}: decode it to str first")
+    if isinstance(texts, str):
+        texts = [texts]
     if texts is None or not hasattr(texts, "__iter__"):
         raise TypeError(f"expected a string or a list of strings, got {type(texts).__name__}")
     texts = list(texts)
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"input {index} is {type(text).__name__}, expected str")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"input {index} is not Unicode text: a lone surrogate {text[e.start]!r} at character "
+                             f"{e.start} (bytes that were not UTF-8?)") from None
     return texts
 
 
@@ -178,23 +185,25 @@ def read_request(raw: str, source: str = "stdin") -> list[str]:
             if "input_data" not in request:
                 raise DataError(f'{source}: a JSON object must be {{"input_data": [...]}}; got keys {sorted(request)}')
             request = request["input_data"]
-        try:
-            return validate_texts(request)
-        except TypeError as e:
-            raise DataError(f"{source}: {e}") from None
-    return raw.splitlines()
+    else:
+        request = raw.splitlines()
+    try:
+        return validate_texts(request)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{source}: {e}") from None
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.input:
-        try:
-            with open(args.input, encoding="utf-8") as f:
-                raw = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"--input {args.input}: cannot be read ({e})") from None
-    else:
-        raw = sys.stdin.read()
-    texts = read_request(raw, args.input or "stdin")
+    source = f"--input {args.input}" if args.input else "stdin"
+    try:
+        data = open(args.input, "rb").read() if args.input else sys.stdin.buffer.read()
+    except OSError as e:
+        raise DataError(f"{source}: cannot be read ({e.strerror or e})") from None
+    try:
+        raw = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the request
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: {not_utf8(e)}") from None
+    texts = read_request(raw, source)
     clf = Classifier.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size,
                                      max_length=args.max_length, key="--model")
     json.dump(clf(texts), sys.stdout)

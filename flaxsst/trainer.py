@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -132,6 +133,17 @@ def build_steps(config: TrainConfig, model_config: ModelConfig, params: Any, tot
                  pmap_eval_step(model, groups, devices))
 
 
+def _in_a_callback(frame: Any) -> bool:
+    """Whether ``frame`` runs inside a garbage collector callback or a ``__del__``, where Python
+    drops exceptions (JAX frees buffers from such a callback)."""
+    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 class Programs:
     """A pmapped step and its programs compiled ahead of time, one per padded length; a call takes
     the program of its batch's length (or compiles on first use)."""
@@ -200,13 +212,27 @@ class Trainer:
         self.on_step = on_step
         self.stop_requested = False
         self.in_loop = False
+        self.trained = False  # the loop reached the last step: what is left is the final evaluation and export
 
-    def request_stop(self, *_: Any) -> None:
-        """Finish the current step, save a checkpoint and return (SIGTERM / Ctrl-C); before the
-        loop there is nothing to save and the run ends at once."""
-        if not self.in_loop:
-            raise Interrupted("interrupted before the first step; nothing was trained, rerun the same command")
+    def request_stop(self, signum: int = 0, frame: Any = None) -> None:
+        """Finish the current step, save a checkpoint and return (SIGTERM / Ctrl-C); outside the
+        loop the run ends at once. The request is also remembered, and ``_check_stop`` ends the run
+        at the next phase: Python drops (and prints) an exception raised while it runs a callback of
+        its own, so none is raised there."""
         self.stop_requested = True
+        if not self.in_loop and not _in_a_callback(frame):
+            raise self._interrupted()
+
+    def _interrupted(self) -> Interrupted:
+        if self.trained:
+            return Interrupted(f"interrupted after the last step; its checkpoint is saved in {self.last_good}, "
+                               "rerun the same command to evaluate and export it")
+        return Interrupted("interrupted before the first step; nothing was trained, rerun the same command")
+
+    def _check_stop(self) -> None:
+        """Outside the loop, end the run if a stop was requested (its exception may have been dropped)."""
+        if self.stop_requested and not self.in_loop:
+            raise self._interrupted()
 
     def run(self) -> TrainResult:
         initialize_distributed(self.config)
@@ -236,7 +262,13 @@ class Trainer:
         if self.is_main:
             write_config(self.workdir, config)
         initial_state = self._prepare()
+        self._check_stop()
         start, meta = self._resume(resume_step, initial_state)
+        self._check_stop()
+        if start > self.end_step and self.is_main:
+            logger.info("the checkpoint's step %d is past this run's last step %d (train.max_steps=%d, %g epochs): "
+                        "nothing to train; its best step is exported", start, self.end_step,
+                        config.train.max_steps, config.train.num_epochs)
         if self.is_main:  # a fresh start keeps nothing of a run that died before its first checkpoint
             rewind_metrics(self.workdir / METRICS_FILE, start if resume_step is not None else -1)
         self.log = MetricLog(self.workdir, self.is_main, start)
@@ -245,11 +277,14 @@ class Trainer:
                                       "steps_per_epoch": self.steps_per_epoch, "warmup_steps": config.train.warmup_steps,
                                       "learning_rate": config.train.learning_rate})
         compile_seconds = self._compile(start)
+        self._check_stop()
         self.console = Console(start, self.end_step, self.is_main)
         try:
             finished, train_seconds, eval_metrics = self._loop(start, meta)
             self.console.close()
             if finished:
+                self.trained = True
+                self._check_stop()
                 export_dir, eval_metrics = self._export(meta["best_step"])
         finally:
             self.console.close()
@@ -257,8 +292,8 @@ class Trainer:
         if not finished:
             return TrainResult(meta["step"], False, meta["best_accuracy"], eval_metrics, None, self._host_params(),
                                compile_seconds, train_seconds)
-        return TrainResult(self.end_step, True, meta["best_accuracy"], eval_metrics, export_dir, self._host_params(),
-                           compile_seconds, train_seconds)
+        return TrainResult(max(start, self.end_step), True, meta["best_accuracy"], eval_metrics, export_dir,
+                           self._host_params(), compile_seconds, train_seconds)
 
     def _prepare(self) -> TrainState:
         """Tokenizer, model, data, schedule and steps; -> the fresh state on the host."""
@@ -403,7 +438,7 @@ class Trainer:
         """Compile, ahead of time and in threads (XLA compiles outside the GIL), the train program of
         every padded length the remaining batches take and the eval program of every length the
         evaluation takes; -> seconds. With ``train.precompile=false`` programs compile on first use."""
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor, wait
 
         config = self.config
         if not config.train.precompile or start >= self.end_step:
@@ -431,9 +466,16 @@ class Trainer:
             logger.info("compiling %d programs (train at lengths %s, evaluation at %s)%s", len(jobs),
                         ", ".join(map(str, train)), ", ".join(map(str, evaluation)), cached)
         start_time = time.perf_counter()
-        with without_slow_compile_banner(), ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            for future in [pool.submit(programs.compile, length, *args) for programs, length, *args in jobs]:
-                future.result()
+        pool = ThreadPoolExecutor(max_workers=len(jobs))
+        try:
+            with without_slow_compile_banner():
+                futures = [pool.submit(programs.compile, length, *args) for programs, length, *args in jobs]
+                while not wait(futures, timeout=0.25).done.issuperset(futures):
+                    self._check_stop()
+                for future in futures:
+                    future.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # on a stop, the programs being compiled finish alone
         seconds = time.perf_counter() - start_time
         if self.is_main:
             logger.info("compiled in %.1f s", seconds)

@@ -152,15 +152,26 @@ def test_trace_summary_counts_kernels_busy_time_and_span_per_step(tmp_path):
 
 def test_same_math_compares_two_runs_losses_step_by_step(tmp_path):
     from bench.same_math import compare_losses
+    from flaxsst.errors import DataError
 
     def write(name, losses):
         rows = [{"kind": "train", "step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
         rows.insert(1, {"kind": "eval", "step": 1, "loss": 9.0})  # eval rows are not train losses
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("\n".join(map(json.dumps, rows)) + "\n")
         return tmp_path / name
 
     before = write("a.jsonl", [0.7, 0.6, 0.5, 0.4])
-    after = write("b.jsonl", [0.7, 0.6 + 2e-6, 0.5 - 3e-5, 0.4])
+    after = write("run/metrics.jsonl", [0.7, 0.6 + 2e-6, 0.5 - 3e-5, 0.4])
     got = compare_losses(before, after, 1e-5)
     assert (got["steps"], got["bitwise"], got["first_differing"], got["beyond_tolerance"], got["max_at"]) == (4, 2, 2, [3], 3)
     assert got["max_diff"] == pytest.approx(3e-5)
+    with open(after, "a") as f:
+        f.write('{"kind": "train", "step": 5, "lo')  # a run killed while writing
+    assert compare_losses(before, tmp_path / "run", 1e-5)["steps"] == 4  # a run's folder stands for its metrics.jsonl
+    (tmp_path / "config.yaml").write_text("model:\n  dim: 32\n")
+    with pytest.raises(DataError, match="config.yaml: line 1 is not a JSON record"):
+        compare_losses(before, tmp_path / "config.yaml", 1e-5)
+    (tmp_path / "evals.jsonl").write_text('{"kind": "eval", "step": 1, "loss": 0.5}\n')
+    with pytest.raises(DataError, match="evals.jsonl: no train records"):
+        compare_losses(tmp_path / "evals.jsonl", before, 1e-5)

@@ -57,6 +57,10 @@ def test_bad_values_are_named():
     assert load_train_config(CONF / "sst2.yaml", ["model.residual_dtype=float32"]).model.residual_dtype == "float32"
     with pytest.raises(ConfigError, match=r"unknown key 'model.config.dimm'; did you mean model.config.dim\?"):
         load_train_config(CONF / "sst2.yaml", ["model.config.dimm=64"])
+    for labels in ("[POS,POS]", '["",B]'):
+        with pytest.raises(ConfigError, match=r"'model.labels' = .*; expected distinct, non-empty names"):
+            load_train_config(CONF / "sst2.yaml", [f"model.labels={labels}"])
+    assert load_train_config(CONF / "sst2.yaml", ["model.labels=[neg,pos]"]).model.labels == ["neg", "pos"]
 
 
 def test_keys_of_earlier_versions_say_their_new_names():

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
-from tests.commands import assert_one_line_error, command_env, run
+from tests.commands import assert_one_line_error, command_env, run, start
 
 TINY = ["--config", "conf/tiny.yaml"]
 
@@ -128,6 +129,8 @@ CASES = [
     ("plot-out-under-a-file", lambda t, m: (["-m", "flaxsst.plot", str(_write(t / "metrics.jsonl", ONE_RECORD).parent), "--out", str(_write(t / "notes.txt", "x") / "c.png")], None),
      ["--out folder=", "notes.txt is a file"]),
     ("workdir-empty", lambda t, m: (["train.py", *TINY, "--workdir", ""], None), ["--workdir is empty"]),
+    ("synthetic-one-label", lambda t, m: (["train.py", *TINY, "--workdir", str(t / "w"), "model.labels=[A]"], None),
+     ["data.path=synthetic has 2 classes", "1 label ['A']", "set model.labels to two names"]),
     ("evaluate-model-empty", lambda t, m: (["evaluate.py", "--model", "", "--config", "conf/tiny.yaml"], None),
      ["--model is empty"]),
     ("config-not-utf8", lambda t, m: (["train.py", "--config", str(_write_bytes(t / "c.yaml", b"train:\n  seed: \xfb1\n")),
@@ -157,6 +160,11 @@ CASES = [
      ["unknown dtype 'float17'"]),
     ("predict-input-missing", lambda t, m: (["-m", "flaxsst.predict", "--model", str(m), "--input", str(t / "nope.txt")], None),
      ["--input", "nope.txt: cannot be read"]),
+    ("predict-input-not-utf8", lambda t, m: (["-m", "flaxsst.predict", "--model", str(m), "--input",
+                                              str(_write_bytes(t / "texts.txt", b"a fine film\ncaf\xe9\n"))], None),
+     ["--input", "texts.txt: line 2 is not UTF-8 text (byte 0xe9 at offset 15)"]),
+    ("predict-lone-surrogate", lambda t, m: (["-m", "flaxsst.predict", "--model", str(m)], '{"input_data": ["ok", "a \\ud800 b"]}'),
+     ["stdin: input 1 is not Unicode text: a lone surrogate '\\ud800' at character 2"]),
 ]
 
 
@@ -188,3 +196,20 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode == 1 and "Traceback" in result.stderr and "ConfigError" in result.stderr
     result = run(["train.py", *TINY, "--workdir", str(tmp_path / "w"), "train.lr=1e-3"], command_env(FLAXSST_DEBUG="1"))
     assert "Traceback" in result.stderr
+
+
+def test_ctrl_c_in_a_long_command_is_one_line_and_exit_75(tmp_path):
+    """Ctrl-C while ``flaxsst.aot`` compiles DistilBERT-base for a TPU slice (a minute's work): one
+    line, the exit code of an interrupted run, no traceback, and no crash of XLA's threads."""
+    process = start(["-m", "flaxsst.aot", "--config", "conf/sst2.yaml", "--topology", "v5e:2x2", "model.pretrained=",
+                     "model.dtype=bfloat16", "data.path=synthetic"], command_env(devices=1))
+    seen = []
+    for line in process.stderr:  # the compiling has begun
+        seen.append(line)
+        if line.startswith("compiling the train program"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 75, "".join(seen)[-2000:] + err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted; nothing was saved, rerun the same command"
+    assert "Traceback" not in err

@@ -76,6 +76,22 @@ def test_non_string_input_names_its_position_and_type(clf, bad, index, type_name
         clf(bad)
 
 
+def test_text_that_is_not_unicode_names_its_position(clf):
+    with pytest.raises(ValueError, match=r"input 1 is not Unicode text: a lone surrogate '\\udce9' at character 3"):
+        clf(["fine", "caf\udce9"])  # b"caf\xe9" decoded with errors="surrogateescape"
+
+
+def test_cli_reads_a_json_file_that_starts_with_a_byte_order_mark(clf, tiny_model_dir, tmp_path):
+    texts = ["a fine film", "awful , boring", "the film was great"]
+    path = tmp_path / "request.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"input_data": texts}).encode())
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-m", "flaxsst.predict", "--model", str(tiny_model_dir), "--input", str(path)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [p["label"] for p in json.loads(result.stdout)] == [p["label"] for p in clf(texts)]
+
+
 def test_none_alone_is_a_type_error(clf):
     with pytest.raises(TypeError, match="expected a string or a list of strings, got NoneType"):
         clf(None)

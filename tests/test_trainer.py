@@ -16,6 +16,7 @@ import transformers
 
 from flaxsst import Classifier
 from flaxsst.config import ConfigError, load_train_config
+from flaxsst.errors import Interrupted
 from flaxsst.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +133,53 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
     assert "interrupted: checkpoint saved at step" in out + err
     steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps and not (workdir / "export").exists()
+
+
+def test_a_stop_whose_exception_python_dropped_still_ends_the_run_before_the_first_step(tmp_path, monkeypatch):
+    """A signal that lands while Python runs a callback of its own (a GC callback) has its exception
+    dropped; the run still ends before training, as it does when the exception gets through."""
+    prepare = Trainer._prepare
+
+    def prepare_then_signal(self):
+        state = prepare(self)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler raises here...
+            time.sleep(1)
+        except Interrupted:
+            pass  # ...and the exception is lost, as in a callback
+        return state
+
+    monkeypatch.setattr(Trainer, "_prepare", prepare_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="interrupted before the first step; nothing was trained"):
+        Trainer(_config(), tmp_path / "run").run()
+    assert not list((tmp_path / "run" / "checkpoints").glob("[0-9]*"))
+    assert signal.getsignal(signal.SIGTERM) == before  # the trainer's handler is gone with the run
+
+
+def test_a_signal_after_the_last_step_says_so_and_a_rerun_exports(tmp_path, monkeypatch):
+    export = Trainer._export
+
+    def signal_then_export(self, best_step):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        return export(self, best_step)
+
+    monkeypatch.setattr(Trainer, "_export", signal_then_export)
+    with pytest.raises(Interrupted, match=r"interrupted after the last step; its checkpoint is saved in .*20.* rerun"):
+        Trainer(_config(), tmp_path / "run").run()
+    assert not (tmp_path / "run" / "export").exists()
+    monkeypatch.setattr(Trainer, "_export", export)
+    rerun = Trainer(_config(), tmp_path / "run").run()
+    assert rerun.finished and rerun.step == 20 and (tmp_path / "run" / "export" / "config.json").is_file()
+
+
+def test_a_rerun_with_fewer_steps_than_the_checkpoint_says_so_and_reports_the_checkpoints_step(tmp_path, caplog):
+    assert Trainer(_config(), tmp_path / "run").run().step == 20
+    with caplog.at_level("INFO", logger="flaxsst"):
+        rerun = Trainer(_config("train.max_steps=8"), tmp_path / "run").run()
+    assert rerun.finished and rerun.step == 20 and rerun.train_seconds < 5
+    assert "the checkpoint's step 20 is past this run's last step 8 (train.max_steps=8" in caplog.text
 
 
 def test_the_load_report_is_logged_once(tmp_path, vocab_file, caplog):
