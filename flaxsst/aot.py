@@ -77,7 +77,7 @@ class Slice:
 
 def known_slices() -> str:
     return ("GEN:AxB for v5e and v6e (v5e:2x2, v5e:2x4, v5e:16x16), GEN:AxBxC for v4 and v5p (v4:2x2x1, v5p:2x2x2), "
-            "or Cloud names (v5e-8, v6e-256, v4-8, v5p-8) with GEN one of " + ", ".join(CHIPS))
+            "or Cloud names (v5e-8 or gcloud's v5litepod-8, v6e-256, v4-8, v5p-8) with GEN one of " + ", ".join(CHIPS))
 
 
 # The shapes of Cloud slices by chip count (the TPU documentation's tables).
@@ -91,26 +91,28 @@ def _shape_for_chips(chip: Chip, chips: int) -> tuple[int, ...]:
 
 
 def parse_slice(name: str, chips_per_host: int | None = None) -> Slice:
-    """``v5e:2x4`` / ``v5e-8`` / ``v4-8`` -> the slice; an unknown name is a ``ConfigError`` listing the forms."""
+    """``v5e:2x4`` / ``v5e-8`` / ``v4-8`` -> the slice (any case; gcloud's ``v5litepod-8`` is ``v5e-8``);
+    an unknown name is a ``ConfigError`` listing the forms."""
+    given, name = name, re.sub(r"^v5litepod", "v5e", name.strip().lower())
     cloud = re.fullmatch(r"(v\d\w?)-(\d+)", name)
     explicit = re.fullmatch(r"(v\d\w?):(\d+(?:x\d+){1,2})", name)
     generation = (cloud or explicit).group(1) if (cloud or explicit) else None
     chip = CHIPS.get(generation or "")
     if chip is None:
-        raise ConfigError(f"--topology {name}: unknown TPU slice; expected {known_slices()}")
+        raise ConfigError(f"--topology {given}: unknown TPU slice; expected {known_slices()}")
     if cloud:
         chips = int(cloud.group(2)) // chip.cores_per_chip
         shape = _shape_for_chips(chip, chips)
         if not shape:
-            raise ConfigError(f"--topology {name}: no {chip.generation} slice of {chips} chips; expected {known_slices()}")
+            raise ConfigError(f"--topology {given}: no {chip.generation} slice of {chips} chips; expected {known_slices()}")
     else:
         shape = tuple(int(n) for n in explicit.group(2).split("x"))
         if len(shape) != (3 if chip.cores_per_chip == 2 else 2):
-            raise ConfigError(f"--topology {name}: {chip.generation} slices have {3 if chip.cores_per_chip == 2 else 2} "
+            raise ConfigError(f"--topology {given}: {chip.generation} slices have {3 if chip.cores_per_chip == 2 else 2} "
                               f"dimensions; expected {known_slices()}")
         if _shape_for_chips(chip, math.prod(shape)) != shape and tuple(sorted(shape)) != _shape_for_chips(chip, math.prod(shape)):
             shapes = ", ".join("x".join(map(str, s)) for s in (SHAPES_3D if chip.cores_per_chip == 2 else SHAPES_2D).values())
-            raise ConfigError(f"--topology {name}: not a {chip.generation} slice; its shapes are {shapes}")
+            raise ConfigError(f"--topology {given}: not a {chip.generation} slice; its shapes are {shapes}")
     chips = math.prod(shape)
     if chips_per_host is None:
         chips_per_host = chips if chip.cores_per_chip == 1 and chips <= 8 else min(chips, 4)
@@ -127,8 +129,13 @@ def topology_devices(slice_: Slice) -> list:
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError("compiling for a TPU needs libtpu: pip install -e '.[tpu]' (the libtpu that matches the "
                           "installed jax)")
+    import signal
+    import threading
+
     from jax.experimental import topologies
 
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         return topologies.get_topology_desc(
             platform="tpu", topology_name=f"{slice_.chip.topology_prefix}:{'x'.join(map(str, slice_.shape))}",
@@ -137,6 +144,9 @@ def topology_devices(slice_: Slice) -> list:
     except Exception as e:  # libtpu's own words for a shape it does not build
         raise ConfigError(f"--topology {slice_.name}: libtpu cannot build it ({str(e).splitlines()[0][:200]}); "
                           f"expected {known_slices()}") from None
+    finally:
+        if sigterm is not None:  # libtpu installs a crash reporter for SIGTERM; a stop is not a crash
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 # ---- compiling ------------------------------------------------------------------------------

@@ -330,6 +330,7 @@ def _validate(config: TrainConfig) -> None:
         (train.learning_rate > 0, "train.learning_rate", "positive"),
         (train.num_epochs > 0, "train.num_epochs", "positive"),
         (train.warmup_steps >= 0, "train.warmup_steps", "at least 0"),
+        (train.max_steps == -1 or train.max_steps > 0, "train.max_steps", "-1 (the whole schedule) or a positive number of steps"),
         (train.eval_every_steps >= 0, "train.eval_every_steps", "at least 0 (0: at the end of every epoch)"),
         (0 <= train.adam_b1 < 1, "train.adam_b1", "in [0, 1)"),
         (0 <= train.adam_b2 < 1, "train.adam_b2", "in [0, 1)"),

@@ -299,10 +299,16 @@ def plot(rows: list[dict], summary: dict, path: Path, title: str, long_list: int
         hist.set(ylim=(0, 1), xlabel="fillers", ylabel="P(POSITIVE)", title="all fillers")
     stats = summary["p_positive"]
     fig.suptitle(f"{title}\nspread {stats['spread']:.2f} (min {stats['min']:.2f}, max {stats['max']:.2f}), "
-                 f"{summary['labelled_positive']:.0%} labelled POSITIVE", fontsize=11)
+                 f"{_labelled(summary)} labelled POSITIVE", fontsize=11)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _labelled(summary: dict) -> str:
+    """``248 of 249 (99.6%)``: a count, so that one exception is not rounded away."""
+    count = round(summary["labelled_positive"] * summary["fillers"])
+    return f"{count} of {summary['fillers']} ({summary['labelled_positive']:.1%})"
 
 
 def console_summary(summary: dict, fillers: Fillers, model: str) -> str:
@@ -311,7 +317,7 @@ def console_summary(summary: dict, fillers: Fillers, model: str) -> str:
              f"fillers from: {fillers.source[:150]}"]
     lines += [f"template: {t!r}" for t in summary["templates"]]
     lines.append(f"P(POSITIVE): min {stats['min']:.3f}  max {stats['max']:.3f}  spread {stats['spread']:.3f}  "
-                 f"mean {stats['mean']:.3f}  std {stats['std']:.3f}  labelled POSITIVE {summary['labelled_positive']:.0%}")
+                 f"mean {stats['mean']:.3f}  std {stats['std']:.3f}  labelled POSITIVE {_labelled(summary)}")
     for key in ("most_positive", "most_negative"):
         lines.append(f"{key.replace('_', ' ')}: " + ", ".join(f"{e['filler']} {e['p_positive']:.3f}" for e in summary[key]))
     if len(summary["templates"]) > 1:

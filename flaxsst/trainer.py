@@ -263,6 +263,10 @@ class Trainer:
             write_config(self.workdir, config)
         initial_state = self._prepare()
         self._check_stop()
+        if config.train.warmup_steps >= self.total_steps and self.is_main:
+            logger.warning("train.warmup_steps=%d is not shorter than the schedule's %d steps: the learning rate "
+                           "never reaches train.learning_rate=%g", config.train.warmup_steps, self.total_steps,
+                           config.train.learning_rate)
         start, meta = self._resume(resume_step, initial_state)
         self._check_stop()
         if start > self.end_step and self.is_main:

@@ -130,6 +130,7 @@ def test_a_loop_trip_count_comes_from_its_condition_or_the_loop_counts_once_flag
 @pytest.mark.parametrize("name,shape,chips,hosts", [
     ("v5e:2x2", (2, 2), 4, 1), ("v5e-8", (2, 4), 8, 1), ("v5e:16x16", (16, 16), 256, 64),
     ("v4-8", (2, 2, 1), 4, 1), ("v5p-8", (2, 2, 1), 4, 1), ("v6e-8", (2, 4), 8, 1), ("v6e-256", (16, 16), 256, 64),
+    ("v5litepod-8", (2, 4), 8, 1), ("V5E-8", (2, 4), 8, 1),  # gcloud's name for v5e; any case
 ])
 def test_slice_names_give_their_chips_and_hosts(name, shape, chips, hosts):
     slice_ = parse_slice(name)
@@ -141,6 +142,8 @@ def test_an_unknown_slice_is_one_line_listing_the_forms():
         parse_slice("v9x:2x2")
     with pytest.raises(ConfigError, match="v4 slices have 3 dimensions"):
         parse_slice("v4:2x2")
+    with pytest.raises(ConfigError, match="--topology V9-8: unknown TPU slice"):  # named as given
+        parse_slice("V9-8")
 
 
 def test_without_libtpu_the_error_names_the_extra(monkeypatch):

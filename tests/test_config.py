@@ -47,6 +47,9 @@ def test_bad_values_are_named():
         load_train_config(CONF / "sst2.yaml", ["train.global_batch_size=0"])
     with pytest.raises(ConfigError, match=r"'train.eval_every_steps' = -1; expected at least 0"):
         load_train_config(CONF / "sst2.yaml", ["train.eval_every_steps=-1"])
+    for steps in (0, -3):
+        with pytest.raises(ConfigError, match=rf"'train.max_steps' = {steps}; expected -1 \(the whole schedule\) or a positive"):
+            load_train_config(CONF / "sst2.yaml", [f"train.max_steps={steps}"])
     with pytest.raises(ConfigError, match="data.length_buckets"):
         load_train_config(CONF / "sst2.yaml", ["data.length_buckets=[256]"])
     with pytest.raises(ConfigError, match="not of the form key=value"):

@@ -182,6 +182,13 @@ def test_a_rerun_with_fewer_steps_than_the_checkpoint_says_so_and_reports_the_ch
     assert "the checkpoint's step 20 is past this run's last step 8 (train.max_steps=8" in caplog.text
 
 
+
+def test_a_warmup_as_long_as_the_schedule_is_named(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="flaxsst"):
+        Trainer(_config("train.warmup_steps=100000", "train.max_steps=2"), tmp_path / "run").run()
+    assert "train.warmup_steps=100000 is not shorter than the schedule's 20 steps" in caplog.text
+
+
 def test_the_load_report_is_logged_once(tmp_path, vocab_file, caplog):
     """A checkpoint without the classification head (distilbert-base-uncased's case): the freshly
     initialised head is reported once, by the trainer, not again by the loader."""
