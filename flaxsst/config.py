@@ -254,7 +254,10 @@ def _merge(base: Any, update: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {_unknown_key_message(key)}") from None
     except OmegaConfBaseException as e:
         key = f"{e.full_key!r}: " if getattr(e, "full_key", None) else ""
-        raise ConfigError(f"{where}: {key}{str(e).splitlines()[0]}") from None
+        message = str(e).splitlines()[0]
+        if "is not a ListConfig" in message:  # OmegaConf's words for a scalar where a list belongs
+            message = "expected a list, e.g. [16, 32, 64]"
+        raise ConfigError(f"{where}: {key}{message}") from None
 
 
 def _has_key(tree: Any, dotted: str) -> bool:

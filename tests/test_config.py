@@ -52,6 +52,8 @@ def test_bad_values_are_named():
             load_train_config(CONF / "sst2.yaml", [f"train.max_steps={steps}"])
     with pytest.raises(ConfigError, match="data.length_buckets"):
         load_train_config(CONF / "sst2.yaml", ["data.length_buckets=[256]"])
+    with pytest.raises(ConfigError, match=r"override data.length_buckets=abc: 'data.length_buckets': expected a list, e.g. \[16, 32, 64\]"):
+        load_train_config(CONF / "sst2.yaml", ["data.length_buckets=abc"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_train_config(CONF / "sst2.yaml", ["train.learning_rate"])
     for key in ("model.dtype", "model.residual_dtype"):
