@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.commands import ROOT, assert_one_line_error, command_env, run
+from tests.commands import assert_one_line_error, command_env, run, start
 
 TINY = ["--config", "conf/tiny.yaml"]
 
@@ -203,12 +201,12 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_ctrl_c_in_a_long_command_is_one_line_and_exit_75(tmp_path):
     """Ctrl-C while ``flaxsst.aot`` compiles DistilBERT-base for a TPU slice (a minute's work): one
     line, the exit code of an interrupted run, no traceback, and no crash of XLA's threads."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flaxsst.aot", "--config", "conf/sst2.yaml", "--topology", "v5e:2x2", "model.pretrained=",
-         "model.dtype=bfloat16", "data.path=synthetic"], cwd=ROOT, env=command_env(devices=1), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal: a job started in the
-    # background by a shell (as CI may run the tests) inherits SIGINT ignored, and Python then takes no Ctrl-C
+    # As in a terminal: a job a shell starts in the background (as CI may run the tests) inherits SIGINT
+    # ignored, and Python then takes no Ctrl-C; the command gets Python's own SIGINT handler back first.
+    sigint = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "runpy.run_module('flaxsst.aot', run_name='__main__', alter_sys=True)")
+    process = start(["-c", sigint, "--config", "conf/sst2.yaml", "--topology", "v5e:2x2", "model.pretrained=",
+                     "model.dtype=bfloat16", "data.path=synthetic"], command_env(devices=1))
     seen = []
     for line in process.stderr:  # the compiling has begun
         seen.append(line)
