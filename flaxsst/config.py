@@ -124,6 +124,7 @@ class ModelConfig:
 
 
 ATTENTION_KINDS = ("auto", "xla")  # model.attention / Precision.attention
+ATTENTION_CHOICES = " or ".join(map(repr, ATTENTION_KINDS))  # "'auto' or 'xla'", for the messages
 
 
 @dataclasses.dataclass
@@ -358,7 +359,7 @@ def _validate(config: TrainConfig) -> None:
                 value = getattr(value, part)
             raise ConfigError(f"config key {key!r} = {value!r}; expected {want}")
     if config.model.attention not in ATTENTION_KINDS:
-        raise ConfigError(f"config key 'model.attention' = {config.model.attention!r}; expected 'auto' or 'xla'")
+        raise ConfigError(f"config key 'model.attention' = {config.model.attention!r}; expected {ATTENTION_CHOICES}")
     for key in ("dtype", "residual_dtype"):
         value = getattr(config.model, key)
         if key == "residual_dtype" and not value:

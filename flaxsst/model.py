@@ -28,7 +28,7 @@ import numpy as np
 
 from flaxsst.attention import attention as tpu_attention
 from flaxsst.attention import supported as tpu_attention_supported
-from flaxsst.config import ATTENTION_KINDS, ModelConfig, parse_dtype
+from flaxsst.config import ATTENTION_CHOICES, ATTENTION_KINDS, ModelConfig, parse_dtype
 from flaxsst.errors import ConfigError
 
 
@@ -48,7 +48,7 @@ class Precision:
         if self.residual_dtype is not None:
             object.__setattr__(self, "residual_dtype", parse_dtype(self.residual_dtype))
         if self.attention not in ATTENTION_KINDS:
-            raise ConfigError(f"attention={self.attention!r}; expected 'auto' or 'xla'")
+            raise ConfigError(f"attention={self.attention!r}; expected {ATTENTION_CHOICES}")
 
     @property
     def layer_norm_dtype(self) -> Any:

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -196,7 +197,7 @@ def read_request(raw: str, source: str = "stdin") -> list[str]:
 def main(args: argparse.Namespace) -> int:
     source = f"--input {args.input}" if args.input else "stdin"
     try:
-        data = open(args.input, "rb").read() if args.input else sys.stdin.buffer.read()
+        data = Path(args.input).read_bytes() if args.input else sys.stdin.buffer.read()
     except OSError as e:
         raise DataError(f"{source}: cannot be read ({e.strerror or e})") from None
     try:
