@@ -1,6 +1,6 @@
 """The [CLS]-only last block against the last block over every position, in one process, interleaved.
 
-    python -m bench.cpu_lastblock_ab --data ../shared/data/sst2 --tokenizer-dir ../shared/data/distilbert-base-uncased-finetuned-sst-2-english
+    python -m bench.cpu_lastblock_ab --texts ../shared/data/sst2/dev.tsv --tokenizer-dir ../shared/data/distilbert-base-uncased-finetuned-sst-2-english
 
 ``Classifier`` on the 872 SST-2 dev sentences with DistilBERT-base shapes (random weights), once with
 ``DistilBertForSequenceClassification(cls_only=True)`` (the product) and once with ``cls_only=False``
@@ -9,13 +9,14 @@ alike. Prints one JSON line: the best time of each, every round's times, the spe
 logit difference between the two.
 """
 
+import argparse
 import json
 import os
 import time
 
 import jax
 import numpy as np
-from bench.cpu_predict import dev_parser, read_dev
+from bench.cpu_peers import read_texts
 from flaxsst.config import ModelConfig
 from flaxsst.model import DistilBertForSequenceClassification, init_params
 from flaxsst.predict import Classifier
@@ -23,19 +24,22 @@ from flaxsst.tokenizer import Tokenizer
 
 
 def main() -> None:
-    parser = dev_parser(__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", required=True, help="a GLUE .tsv (its sentence column) or a file of one text per line")
+    parser.add_argument("--tokenizer-dir", required=True, help="folder with tokenizer.json / vocab.txt")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the Classifier's for this backend")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     config = ModelConfig(id2label={0: "NEGATIVE", 1: "POSITIVE"})
     params = init_params(config, 0)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer_dir)
-    texts = read_dev(args.data)
+    texts = read_texts(args.texts)
     classifiers = {}
     for name, cls_only in (("cls_only", True), ("allrows", False)):
         clf = Classifier(config, params, tokenizer, batch_size=args.batch_size,
                          model=DistilBertForSequenceClassification(config, cls_only=cls_only))
-        clf.logits(texts)  # compiles every bucket
+        clf.logits(texts)  # compiles the shapes these texts need
         classifiers[name] = clf
     times: dict = {name: [] for name in classifiers}
     for _ in range(args.rounds):

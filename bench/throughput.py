@@ -217,11 +217,10 @@ def bench_classifier(tokenizer_dir: str, config: ModelConfig, dtype: str, calls:
         start = time.perf_counter()
         clf(text)
         times.append(time.perf_counter() - start)
-    from flaxsst.data import pick_length
     from flaxsst.tokenizer import pad_right
 
     ids = clf.tokenizer.encode(text)
-    length = pick_length(len(ids[0]), clf.buckets, clf.max_length)  # the bucket the calls above used
+    length = clf.shapes.padded_length(len(ids[0]))  # the length the calls above used
     placed = jax.device_put(pad_right(ids, 1, length, clf.tokenizer.pad_id))
     forward = []
     for _ in range(calls):

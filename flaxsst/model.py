@@ -37,11 +37,17 @@ class Precision:
     """How the model computes, apart from what it is: the matmuls' dtype, the residual stream's
     (``None``: the same), and the attention kernel ("auto": cuDNN's fused attention for
     half-precision inference on a GPU, ``flaxsst.attention``'s Pallas kernels in every program
-    compiled for a TPU; "xla": always the einsum path)."""
+    compiled for a TPU; "xla": always the einsum path).
+
+    ``float32_accumulation``: in a dtype below float32, every matmul returns float32, adds its bias
+    there and rounds once to ``dtype`` (as oneDNN's bf16 matmuls do under PyTorch autocast). XLA:CPU
+    runs such a dot on its fast bf16 kernels (avx512_bf16), 1.7x a dot that returns bf16
+    (bench/RESULTS.md, CPU); ``Classifier`` turns it on for a CPU."""
 
     dtype: Any = jnp.float32
     residual_dtype: Any = None
     attention: str = "auto"
+    float32_accumulation: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -72,9 +78,31 @@ def sinusoidal_position_table(n_pos: int, dim: int) -> np.ndarray:
     return table.astype(np.float32)
 
 
-def _dense(config: ModelConfig, precision: Precision, features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=precision.dtype, kernel_init=nn.initializers.normal(config.initializer_range),
-                    name=name)
+def _accumulates_in_float32(precision: Precision) -> bool:
+    return precision.float32_accumulation and jnp.dtype(precision.dtype) != jnp.dtype(jnp.float32)
+
+
+def _float32_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _dense(config: ModelConfig, precision: Precision, features: int, name: str):
+    """``nn.Dense`` named ``name``; with ``float32_accumulation``, its float32 result rounded once to dtype."""
+    accumulate = _accumulates_in_float32(precision)
+    dense = nn.Dense(features, dtype=precision.dtype, kernel_init=nn.initializers.normal(config.initializer_range),
+                     dot_general=_float32_dot if accumulate else None, name=name)
+    if not accumulate:
+        return dense
+
+    def apply(rows: jax.Array) -> jax.Array:
+        if math.prod(rows.shape[:-1]) == 1:
+            # XLA:CPU's bf16 dot of a single row is ~10x slower than of two (bench/RESULTS.md, CPU)
+            twice = jnp.concatenate([rows.reshape(1, -1)] * 2)
+            return dense(twice)[:1].astype(precision.dtype).reshape(*rows.shape[:-1], features)
+        return dense(rows).astype(precision.dtype)
+
+    return apply
 
 
 def _layer_norm(config: ModelConfig, precision: Precision, name: str) -> "LayerNorm":
@@ -234,7 +262,12 @@ class MultiHeadSelfAttention(nn.Module):
                 weights = jnp.zeros_like(weights)
             if dropout_keep is not None:
                 weights = jax.lax.select(dropout_keep, weights / (1.0 - rate), jnp.zeros_like(weights))
-            return jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, query.shape[1], config.dim)
+            if _accumulates_in_float32(precision):
+                context = jnp.einsum("bhqk,bkhd->bqhd", weights, value, preferred_element_type=jnp.float32)
+                context = context.astype(precision.dtype)
+            else:
+                context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+            return context.reshape(batch, query.shape[1], config.dim)
 
         def kernel_path(query, key, value, attention_mask, dropout_keep):
             rows = (batch, -1, config.dim)

@@ -1,0 +1,282 @@
+"""flaxsst's Classifier against every CPU peer a careful user would run, in one process, on the same texts.
+
+    python -m bench.cpu_peers --tokenizer-dir ../shared/data/distilbert-base-uncased-finetuned-sst-2-english \\
+        --texts ../shared/data/sst2/dev.tsv
+
+Peers: PyTorch fp32, PyTorch bf16 autocast (oneDNN), ONNX Runtime fp32 (plain, and with
+``onnxruntime.transformers``' BERT fusions). Every peer gets the fair batching: the texts sorted by
+length, batches padded to their own longest, at each of ``--peer-batch-sizes`` (its best counts);
+flaxsst runs as a user calls it (``Classifier.logits(texts)``, tokenization included). The same random
+DistilBERT-base weights for all, ``--threads`` threads each. Also the one-sentence latency (median and
+p99 of ``--latency-calls`` calls) and a fresh process's first prediction, with an empty compilation
+cache and with a warm one. Prints JSON lines; the last, ``summary``, has the ratios.
+
+    python -m bench.cpu_peers --plot-from RESULTS.jsonl --png OUT.png     # the chart of a saved run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ONE_SENTENCE = "Today was an amazing day, and the film was better than I expected!"
+
+
+def read_texts(path: str) -> list[str]:
+    """The ``sentence`` column of a GLUE ``.tsv``, or one text per line of any other file."""
+    if path.endswith(".tsv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            return [row["sentence"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    return Path(path).read_text(encoding="utf-8").splitlines()
+
+
+def cpu_facts() -> dict:
+    """``lscpu``'s model name, its vector/matrix flags that matter here, and the core count."""
+    facts = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return facts
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    facts["cpu"] = fields.get("Model name", facts["cpu"]).strip()
+    facts["flags"] = [f for f in flags if f.startswith(("avx", "amx", "fma"))]
+    return facts
+
+
+def fair_batches(ids: list[list[int]], batch_size: int):
+    """The texts sorted by length, ``batch_size`` at a time, each padded to its own longest:
+    ``(indices, input_ids, attention_mask)`` int64."""
+    order = np.argsort([len(seq) for seq in ids], kind="stable")
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        longest = max(len(ids[i]) for i in chunk)
+        input_ids = np.zeros((len(chunk), longest), np.int64)
+        mask = np.zeros_like(input_ids)
+        for row, i in enumerate(chunk):
+            input_ids[row, : len(ids[i])] = ids[i]
+            mask[row, : len(ids[i])] = 1
+        yield chunk, input_ids, mask
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (and compiles)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def latency_ms(fn, calls: int) -> dict:
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"median_ms": round(1000 * float(np.median(times)), 2), "p99_ms": round(1000 * float(np.percentile(times, 99)), 2)}
+
+
+COLD_START = """
+import sys, time
+start = time.perf_counter()
+from flaxsst import Classifier
+clf = Classifier.from_pretrained(sys.argv[1])
+loaded = time.perf_counter()
+clf([sys.argv[2]])
+done = time.perf_counter()
+print(round(loaded - start, 3), round(done - loaded, 3))
+"""
+
+
+def cold_start(model_dir: str, cache_dir: str) -> dict:
+    """A fresh process: import and load, then its first prediction, against the compilation cache ``cache_dir``."""
+    env = dict(os.environ, FLAXSST_CACHE_DIR=cache_dir, FLAXSST_COMPILATION_CACHE="1")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", COLD_START, model_dir, ONE_SENTENCE], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()
+    return {"process_s": round(time.perf_counter() - start, 3), "load_s": float(out[0]), "first_prediction_s": float(out[1])}
+
+
+def plot(records: list[dict], path: str) -> None:
+    """Two bar charts of a run: seconds for the texts per runner, and one sentence's median latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = next(r for r in records if r["what"] == "meta")
+    texts = sorted((r for r in records if r["what"] == "texts"), key=lambda r: r["seconds"])
+    single = sorted((r for r in records if r["what"] == "one_sentence"), key=lambda r: r["median_ms"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    for axis, rows, key, label in ((left, texts, "seconds", f"seconds for {meta['texts']} SST-2 dev sentences"),
+                                   (right, single, "median_ms", "one sentence, median ms")):
+        names = [r["runner"] for r in rows]
+        colors = ["tab:orange" if n.startswith("flaxsst") else "tab:gray" for n in names]
+        axis.barh(names, [r[key] for r in rows], color=colors)
+        axis.invert_yaxis()
+        axis.set_xlabel(label + " (lower is better)")
+        for y, r in enumerate(rows):
+            axis.text(r[key], y, f" {r[key]:g}", va="center", fontsize=8)
+    fig.suptitle(f"CPU inference, DistilBERT-base, {meta['date']}: {meta['cpu']}, {meta['threads']} threads "
+                 f"(runner@N: a peer batched N at a time, sorted, padded to each batch's longest)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plot-from", help="draw the chart of this saved run's JSON lines (with --png) and stop")
+    parser.add_argument("--png", help="write the run's chart here")
+    parser.add_argument("--tokenizer-dir", help="folder with tokenizer.json / vocab.txt")
+    parser.add_argument("--texts", help="a GLUE .tsv (its sentence column) or a file of one text per line")
+    parser.add_argument("--peer-batch-sizes", type=int, nargs="+", default=[128, 32])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--latency-calls", type=int, default=200)
+    parser.add_argument("--skip-cold-start", action="store_true")
+    args = parser.parse_args()
+    if args.plot_from:
+        if not args.png:
+            parser.error("--plot-from needs --png")
+        plot([json.loads(line) for line in Path(args.plot_from).read_text().splitlines() if line.strip()], args.png)
+        return
+    if not (args.tokenizer_dir and args.texts):
+        parser.error("--tokenizer-dir and --texts are required for a run")
+    records = []
+
+    def emit(record: dict) -> None:
+        records.append(record)
+        print(json.dumps(record), flush=True)
+
+    import jax
+    import jax.numpy as jnp
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    from flaxsst import Classifier
+    from flaxsst.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    texts = read_texts(args.texts)
+    work = tempfile.mkdtemp(prefix="cpu_peers_")
+    torch.manual_seed(0)
+    reference = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(num_labels=2)).eval()
+    reference.save_pretrained(work)
+    Tokenizer.from_pretrained(args.tokenizer_dir, 512).save_pretrained(work)
+    flax_fp32 = Classifier.from_pretrained(work)
+    flax_bf16 = Classifier.from_pretrained(work, dtype=jnp.bfloat16)
+    ids = flax_fp32.encode(texts)
+    one_ids = flax_fp32.encode([ONE_SENTENCE])
+    meta = {"date": time.strftime("%Y-%m-%d"), **cpu_facts(), "threads": args.threads, "texts": len(texts),
+            "real_tokens": sum(map(len, ids)), "jax": jax.__version__, "torch": torch.__version__,
+            "onnxruntime": ort.__version__, "transformers": transformers.__version__}
+    emit({"what": "meta", **meta})
+
+    def torch_fn(bf16: bool):
+        def run(input_ids, mask):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return reference(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).logits.float().numpy()
+        return run
+
+    onnx_path = f"{work}/model.onnx"
+    _, ids0, mask0 = next(fair_batches(ids, 8))
+    torch.onnx.export(reference, (torch.from_numpy(ids0), torch.from_numpy(mask0)), onnx_path,
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "logits": {0: "b"}},
+                      opset_version=17, dynamo=False)
+
+    def session(path: str):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = optimize_model(onnx_path, model_type="bert", num_heads=12, hidden_size=768)
+    fused.save_model_to_file(f"{work}/model_fused.onnx")
+    sessions = {"ort_fp32": session(onnx_path), "ort_fused_fp32": session(f"{work}/model_fused.onnx")}
+
+    def ort_fn(sess):
+        return lambda input_ids, mask: sess.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})[0]
+
+    peers = {"torch_fp32": torch_fn(False), "torch_bf16": torch_fn(True),
+             **{name: ort_fn(sess) for name, sess in sessions.items()}}
+
+    def gather(fn, batch_size):
+        out = np.zeros((len(ids), 2), np.float32)
+        for chunk, input_ids, mask in fair_batches(ids, batch_size):
+            out[chunk] = fn(input_ids, mask)
+        return out
+
+    truth = gather(peers["torch_fp32"], 32)
+    runs = {"flaxsst_fp32": lambda: flax_fp32.logits(texts), "flaxsst_bf16": lambda: flax_bf16.logits(texts)}
+    for name, fn in peers.items():
+        for batch_size in args.peer_batch_sizes:
+            runs[f"{name}@{batch_size}"] = lambda fn=fn, batch_size=batch_size: gather(fn, batch_size)
+    for name in ("flaxsst_fp32", "flaxsst_bf16"):  # first calls compile: timed apart
+        start = time.perf_counter()
+        runs[name]()
+        programs = {(batch.rows, batch.length) for batch in flax_fp32.shapes.plan([len(seq) for seq in ids])}
+        emit({"what": "first_call", "runner": name, "seconds": round(time.perf_counter() - start, 2),
+              "programs": len(programs)})
+    seconds = {}
+    for name, fn in runs.items():
+        got = fn()
+        seconds[name] = best_seconds(fn, args.repeats)
+        emit({"what": "texts", "runner": name, "seconds": round(seconds[name], 3),
+              "texts_per_s": round(len(texts) / seconds[name], 1),
+              "max_abs_logit_diff_vs_torch_fp32": float(np.abs(got - truth).max()),
+              "label_agreement_vs_torch_fp32": float(np.mean(got.argmax(1) == truth.argmax(1)))})
+
+    one = np.asarray(one_ids, np.int64)
+    one_mask = np.ones_like(one)
+    single = {"flaxsst_fp32": lambda: flax_fp32.logits([ONE_SENTENCE]), "flaxsst_bf16": lambda: flax_bf16.logits([ONE_SENTENCE]),
+              **{name: (lambda fn=fn: fn(one, one_mask)) for name, fn in peers.items()}}
+    latency = {}
+    for name, fn in single.items():
+        latency[name] = latency_ms(fn, args.latency_calls)
+        emit({"what": "one_sentence", "runner": name, "tokens": one.shape[1], **latency[name]})
+
+    if not args.skip_cold_start:
+        cache = tempfile.mkdtemp(prefix="cpu_peers_cache_")
+        for state in ("empty_cache", "warm_cache"):
+            emit({"what": "cold_start", "cache": state, **cold_start(work, cache)})
+
+    def fastest(prefixes):
+        candidates = {k: v for k, v in seconds.items() if k.startswith(prefixes)}
+        name = min(candidates, key=candidates.get)
+        return name, candidates[name]
+
+    fp32_peer, fp32_peer_s = fastest(("torch_fp32", "ort_fp32", "ort_fused_fp32"))
+    bf16_peer, bf16_peer_s = fastest(("torch_bf16",))
+    one_peer = min(("ort_fp32", "ort_fused_fp32", "torch_fp32"), key=lambda k: latency[k]["median_ms"])
+    emit({
+        "what": "summary",
+        "fastest_fp32_peer": fp32_peer, "flaxsst_fp32_time_vs_it": round(seconds["flaxsst_fp32"] / fp32_peer_s, 2),
+        "fastest_bf16_peer": bf16_peer, "flaxsst_bf16_time_vs_it": round(seconds["flaxsst_bf16"] / bf16_peer_s, 2),
+        "flaxsst_bf16_vs_fp32_label_agreement": float(np.mean(flax_bf16.logits(texts).argmax(1) == flax_fp32.logits(texts).argmax(1))),
+        "flaxsst_bf16_vs_fp32_max_abs_logit_diff": float(np.abs(flax_bf16.logits(texts) - flax_fp32.logits(texts)).max()),
+        "one_sentence_fastest_peer": one_peer,
+        "one_sentence_flaxsst_fp32_vs_it": round(latency["flaxsst_fp32"]["median_ms"] / latency[one_peer]["median_ms"], 2),
+    })
+
+
+if __name__ == "__main__":
+    main()

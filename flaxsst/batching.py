@@ -1,0 +1,117 @@
+"""How ``Classifier`` cuts encoded texts into batches: close to the shapes the texts need, from a
+fixed set of shapes so that repeated calls reuse a few compiled programs.
+
+On a CPU the work grows with every padded token and every padding row, and a compile takes
+~0.5 s, so a batch takes its own longest text rounded up to a multiple of 4 tokens, and a short
+batch runs as power-of-two parts instead of carrying padding rows (measured on the 872 SST-2 dev
+sentences: 1.9x the speed of powers-of-two lengths with padded rows; bench/RESULTS.md). On an
+accelerator, where a launch costs more than a padded row, batches pad to powers of two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from flaxsst.errors import ConfigError
+
+CPU_BATCH_SIZE = 32
+CPU_LENGTH_STEP = 4
+ACCELERATOR_BATCH_SIZE = 128
+ACCELERATOR_SMALLEST_LENGTH = 16
+
+
+def powers_of_two(smallest: int, largest: int) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` below ``largest``, and ``largest`` itself."""
+    lengths = []
+    length = smallest
+    while length < largest:
+        lengths.append(length)
+        length *= 2
+    return (*lengths, largest)
+
+
+def multiples(step: int, largest: int) -> tuple[int, ...]:
+    """Multiples of ``step`` below ``largest``, and ``largest`` itself."""
+    return (*range(step, largest, step), largest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """``indices`` of the inputs in this batch, padded to ``rows`` x ``length`` tokens."""
+
+    indices: np.ndarray
+    rows: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShapes:
+    """The shapes batches take: at most ``batch_size`` rows, one of ``lengths`` tokens (ascending; the
+    last is the longest a text is cut to). ``split_rows``: a batch of fewer rows than ``batch_size``
+    runs as power-of-two parts with no padding rows; otherwise it pads its rows to a power of two."""
+
+    batch_size: int
+    lengths: tuple[int, ...]
+    split_rows: bool
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+
+    @classmethod
+    def for_backend(cls, backend: str, max_length: int, batch_size: int | None = None,
+                    length_step: int | None = None) -> "BatchShapes":
+        """The defaults for ``backend`` ("cpu", "gpu", "tpu"); ``batch_size`` and ``length_step`` (padded
+        lengths are its multiples) replace them."""
+        if length_step is not None and length_step < 1:
+            raise ConfigError(f"length_step={length_step} must be at least 1")
+        if backend == "cpu":
+            rows = CPU_BATCH_SIZE if batch_size is None else batch_size
+            return cls(rows, multiples(length_step or CPU_LENGTH_STEP, max_length), True)
+        lengths = multiples(length_step, max_length) if length_step else powers_of_two(
+            min(ACCELERATOR_SMALLEST_LENGTH, max_length), max_length)
+        return cls(ACCELERATOR_BATCH_SIZE if batch_size is None else batch_size, lengths, False)
+
+    def row_counts(self) -> list[int]:
+        """Every row count a batch can have."""
+        powers = [1 << k for k in range(self.batch_size.bit_length()) if 1 << k < self.batch_size]
+        return powers + [self.batch_size]
+
+    def programs(self) -> list[tuple[int, int]]:
+        """Every ``(rows, length)`` a batch can take: the programs a model compiles for them."""
+        return [(rows, length) for length in self.lengths for rows in self.row_counts()]
+
+    def padded_length(self, longest: int) -> int:
+        """The shortest of ``lengths`` that holds ``longest`` tokens."""
+        for length in self.lengths:
+            if longest <= length:
+                return length
+        raise ValueError(f"a text of {longest} tokens is longer than the longest batch ({self.lengths[-1]})")
+
+    def _parts(self, count: int) -> list[tuple[int, int]]:
+        """``(texts, rows)`` of the batches ``count`` sorted texts (at most ``batch_size``) run as."""
+        if count == self.batch_size:
+            return [(count, count)]
+        if not self.split_rows:
+            return [(count, min(1 << (count - 1).bit_length(), self.batch_size))]
+        parts = []
+        while count:
+            rows = 1 << (count.bit_length() - 1)
+            parts.append((rows, rows))
+            count -= rows
+        return parts
+
+    def plan(self, lengths: Sequence[int]) -> list[Batch]:
+        """Batches for texts of ``lengths`` tokens: sorted by length (stable), cut into ``batch_size``
+        rows, each padded to its own longest text's shortest fitting length."""
+        order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+        batches = []
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            for texts, rows in self._parts(len(chunk)):
+                part, chunk = chunk[:texts], chunk[texts:]
+                batches.append(Batch(part, rows, self.padded_length(int(max(lengths[i] for i in part)))))
+        return batches
