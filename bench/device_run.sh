@@ -10,6 +10,9 @@
 #                                        # packed Classifier, profiled: per-step kernels and device busy time; anchors
 #   bash bench/device_run.sh lastblock   # [CLS]-only last block (grouped) against the last block over every position
 #                                        # (allrows): train batch 256 and 32, inference batch 1024; PyTorch anchors
+#   bash bench/device_run.sh serve       # flaxsst.serve under load on the GPU (bench/serve_load.py, ~4 min; the Azure
+#                                        # anchor is a CPU measurement and stays on the CPU machine); .whl/ also needs
+#                                        # starlette, uvicorn, h11, anyio, click, prometheus_client, httpx, httpcore
 # Needs .devdata/ (sst2, minilm-l6, distilbert-tok, the anchor scripts) and .whl/ (datasets, omegaconf, tensorboardX, pycountry)
 # carried along; see bench/RESULTS.md.
 set -uo pipefail
@@ -74,6 +77,11 @@ lastblock)  # the [CLS]-only last block's before/after (~6 min): same process pe
   run torch_anchor 240 python3 .devdata/anchor_torch.py --compile
   run flax_lastblock_train 150 python3 -m bench.throughput --mode train --batch 256 32 --seq 128 --variant grouped allrows
   run flax_lastblock_infer 120 python3 -m bench.throughput --mode infer --batch 1024 --seq 128 --variant grouped allrows
+  ;;
+serve)  # a random-weight DistilBERT-base export, then concurrency 1 to 256 against the GPU defaults of flaxsst.serve
+  run serve_model 120 python3 -m bench.serve_load --make-model /tmp/distilbert-random --tokenizer .devdata/distilbert-tok
+  run serve_load 420 python3 -m bench.serve_load --model /tmp/distilbert-random --servers flaxsst \
+      --data .devdata/sst2/dev.tsv --concurrency 1 8 32 64 256 --seconds 20 --logs "$out/serve" --plot "$out/serve.png"
   ;;
 esac
 log done

@@ -181,6 +181,11 @@ def _label_id(value, label2id: dict[str, int], num_labels: int) -> int | None:
     return None
 
 
+def _looks_unlabelled(column: str) -> bool:
+    """Whether a column is a row number or id (GLUE's ``index``, ``idx``), not a label."""
+    return column.lower() in ("index", "idx", "id", "")
+
+
 def read_split(data: DataSection, split: str, label2id: dict[str, int], seed: int = 0) -> tuple[list[str], np.ndarray, str]:
     """``(texts, labels, source)``; a bad row raises ``DataError`` naming the file and the row."""
     if data.path == "synthetic":
@@ -191,11 +196,17 @@ def read_split(data: DataSection, split: str, label2id: dict[str, int], seed: in
         texts, labels = synthetic_sentiment(size, seed + (0 if split == "train" else 1))
         return texts, np.asarray(labels, dtype=np.int32), f"synthetic [{split}]"
     table, source, first_line = _load_table(data, split)
-    for column in (data.text_column, data.label_column):
-        if column not in table.column_names:
-            key = "data.text_column" if column == data.text_column else "data.label_column"
-            raise DataError(f"{source}: no column {column!r}; columns are {table.column_names} "
-                            f"(set {key}=<one of them>)")
+    if data.text_column not in table.column_names:
+        raise DataError(f"{source}: no column {data.text_column!r}; columns are {table.column_names} "
+                        "(set data.text_column=<one of them>)")
+    if data.label_column not in table.column_names:
+        others = [c for c in table.column_names if c != data.text_column]
+        if all(_looks_unlabelled(c) for c in others):  # GLUE's test.tsv: index and sentence, no labels
+            raise DataError(f"{source} has no labels: no column {data.label_column!r}, only {table.column_names} "
+                            "(GLUE's test split is unlabelled); evaluate on a labelled split, e.g. "
+                            "data.eval_split=validation")
+        raise DataError(f"{source}: no column {data.label_column!r}; columns are {table.column_names} "
+                        f"(set data.label_column=<one of {others}>)")
     texts, labels = table[data.text_column], table[data.label_column]
     out = np.empty(len(labels), dtype=np.int32)
     for row, (text, label) in enumerate(zip(texts, labels)):

@@ -48,17 +48,61 @@ def evaluate(eval_fn: Callable, params: Any, split: TokenizedSplit, model_config
     return classification_metrics(split.labels, logits, model_config.num_labels)
 
 
-def write_results(path: Path, metrics: dict, **about: Any) -> None:
-    """``eval_results.json``: the metrics and what they describe (split, model or checkpoint step)."""
+def write_results(path: Path, metrics: dict, split: TokenizedSplit, **about: Any) -> None:
+    """``eval_results.json``: the metrics and what they describe: the split's name and source (its size
+    is ``num_examples``), and the model or checkpoint step."""
     from flaxsst.checkpoints import write_atomically
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps({**metrics, **about}, indent=2) + "\n")
+    described = {"split": split.name, "source": split.source, **about}
+    write_atomically(path, json.dumps({**metrics, **described}, indent=2) + "\n")
 
 
-def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | None = None) -> dict:
+def describe_split(split: TokenizedSplit) -> str:
+    """``split 'validation': 400 examples from synthetic [validation]``: what an evaluation scores."""
+    return f"split {split.name!r}: {len(split)} examples from {split.source}"
+
+
+def training_workdir(model: str | os.PathLike) -> Path | None:
+    """The training workdir that ``model`` is (or is the ``export`` of), if it holds its ``config.yaml``."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return None
+    if (path / "config.yaml").is_file() and (path / "export").is_dir():
+        return path
+    parent = path.resolve().parent
+    if (parent / "config.yaml").is_file() and (parent / "export").resolve() == path.resolve():
+        return parent
+    return None
+
+
+def evaluation_config(model: str, config_path: str | None, overrides: list[str]) -> tuple[str, TrainConfig, str]:
+    """-> (the model folder, the config to evaluate with, where its data settings come from). A run's
+    export (or its workdir) is evaluated on what the run evaluated: the workdir's ``config.yaml``, then
+    ``overrides``; ``--config`` replaces it."""
+    from flaxsst.config import load_train_config
+
+    workdir = training_workdir(model)
+    if workdir is not None and Path(model).expanduser().resolve() == workdir.resolve():
+        model = str(workdir / "export")
+    if config_path is None and workdir is not None:
+        config_path = str(workdir / "config.yaml")
+        origin = f"the run's settings ({config_path})"
+    elif config_path is None:
+        origin = "the built-in defaults"
+    else:
+        origin = f"--config {config_path}"
+    changed = [item for item in overrides if item.startswith("data.")]
+    if changed:
+        origin += ", with " + " ".join(changed)
+    return model, load_train_config(config_path, overrides), origin
+
+
+def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | None = None,
+                   data_origin: str = "") -> dict:
     """Evaluate a HF folder / hub id / export on ``config.data.eval_split`` over all devices;
-    print the table and write ``eval_results.json`` to ``output``."""
+    print the table and write ``eval_results.json`` to ``output``. ``data_origin`` says where the
+    data settings come from (printed and written)."""
     from flaxsst.convert import load_pretrained
     from flaxsst.model import DistilBertForSequenceClassification, precision_of
     from flaxsst.param_groups import ParamGroups
@@ -79,10 +123,11 @@ def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | 
     eval_fn = pmap_eval_step(DistilBertForSequenceClassification(model_config, precision), groups)
     metrics = evaluate(eval_fn, replicate(groups.pack(params)), split, model_config, config, tokenizer.pad_id)
     if jax.process_index() == 0:
-        print(f"{split.source}: {len(split)} examples, model {model}")
+        print(f"{describe_split(split)} (data settings: {data_origin or 'as given'}); model {model}")
         print(format_table(metrics, model_config.id2label))
         if output is not None:
-            write_results(Path(output) / "eval_results.json", metrics, split=split.source, model=str(model))
+            write_results(Path(output) / "eval_results.json", metrics, split, model=str(model),
+                          data_settings=data_origin or "as given")
     return metrics
 
 

@@ -10,7 +10,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -63,27 +63,47 @@ def read_metrics(workdir: str | Path) -> dict[str, dict[int, dict]]:
     return records
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``H:MM:SS``."""
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-class Console:
-    """What a person watching the run sees: a tqdm bar on a terminal, else one line per log."""
+def terminal_columns(stream: Any) -> int:
+    """Columns of the terminal ``stream`` writes to; 0 where it is not a terminal, or is one that
+    reports no width (some CI and ``docker exec`` shells), where a bar would print nothing."""
+    import os
 
-    def __init__(self, start: int, end: int, enabled: bool):
+    try:
+        if not stream.isatty():
+            return 0
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+class Console:
+    """What a person watching the run sees: a tqdm bar on a terminal with columns, else one line per
+    log. The time left is the pace since the first step of this run finished (the first step also
+    places the state and warms up, longer still after a resume), times the steps left."""
+
+    def __init__(self, start: int, end: int, enabled: bool, clock: Callable[[], float] = time.perf_counter):
         from tqdm.auto import tqdm
 
-        self.start, self.end, self.enabled = start, end, enabled
-        self.began = time.perf_counter()
+        self.start, self.end, self.enabled, self.clock = start, end, enabled, clock
+        self.began = clock()
+        self.first_step_at: float | None = None
         self.bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
-                        disable=None if enabled else True)  # None: a bar only on a terminal
+                        disable=not (enabled and terminal_columns(sys.stderr) > 0))
 
     def write(self, line: str) -> None:
         if self.enabled:
             self.bar.write(line, file=sys.stderr)
 
     def step(self) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = self.clock()
+            self.bar.unpause()  # the bar's rate, too, starts after the first step
         self.bar.update(1)
 
     def log(self, step: int, record: dict) -> None:
@@ -94,11 +114,16 @@ class Console:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
                                  ex_s=f"{record['examples_per_sec']:.0f}")
             return
-        elapsed = time.perf_counter() - self.began
-        left = elapsed / max(step - self.start, 1) * (self.end - step)
+        now = self.clock()
+        elapsed = now - self.began
+        since_first = step - self.start - 1
+        if self.first_step_at is not None and since_first > 0:
+            left = (now - self.first_step_at) / since_first * (self.end - step)
+        else:
+            left = elapsed / max(step - self.start, 1) * (self.end - step)
         self.write(f"step {step}/{self.end}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.4f}  "
                    f"lr {record['learning_rate']:.2e}  {record['examples_per_sec']:.0f} ex/s  "
-                   f"elapsed {_duration(elapsed)}  ETA {_duration(left)}")
+                   f"elapsed {duration(elapsed)}  ETA {duration(left)}")
 
     def evaluation(self, step: int, epoch: float, metrics: dict, best: bool) -> None:
         self.write(f"eval at step {step} (epoch {epoch:.2f}): accuracy {metrics['accuracy']:.4f}  f1 {metrics['f1']:.4f}  "

@@ -4,13 +4,14 @@
 >>> clf(["Today was an amazing day!"])
 [{'label': 'POSITIVE', 'score': 0.9998...}]
 
-Inputs are sorted by length, cut into batches, and each batch is padded to the
-smallest of a few lengths (powers of two up to ``max_length``) and a power-of-two
-row count, so repeated calls reuse a handful of compiled programs. Results come
-back in input order.
+Inputs are sorted by length, cut into batches, and each batch is padded to one of a fixed
+set of shapes close to what it needs (``flaxsst.batching``: on a CPU its longest text rounded up
+to a multiple of 4 tokens, with no padding rows), so repeated calls reuse compiled programs.
+Results come back in input order.
 
 Command line: ``python -m flaxsst.predict --model DIR_OR_HUB_ID`` reads JSON
-``{"input_data": [...]}``, a JSON list of texts, or one text per line on stdin and prints the JSON list.
+``{"input_data": [...]}`` or a JSON list of texts and prints the JSON list, or one text per line
+and streams a JSON line per text (``flaxsst.predict_stream``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -29,24 +29,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flaxsst import cli
+from flaxsst.batching import BatchShapes
 from flaxsst.config import ModelConfig
-from flaxsst.data import pick_length
-from flaxsst.errors import ConfigError, DataError, not_utf8
+from flaxsst.errors import ConfigError, DataError
 from flaxsst.metrics import softmax
 from flaxsst.model import DistilBertForSequenceClassification, Precision
 from flaxsst.runtime import enable_compilation_cache
 from flaxsst.tokenizer import Tokenizer, pad_right
-
-
-def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
-    """Powers of two from ``smallest`` up to ``max_length``, and ``max_length`` itself."""
-    buckets = []
-    length = smallest
-    while length < max_length:
-        buckets.append(length)
-        length *= 2
-    buckets.append(max_length)
-    return tuple(buckets)
 
 
 def validate_texts(texts: Any) -> list[str]:
@@ -77,6 +66,8 @@ class Classifier:
     ``clf(texts)`` -> ``[{"label": ..., "score": ...}, ...]``; ``clf.logits(texts)`` ->
     float32 ``[n, num_labels]``. ``dtype`` is the compute dtype; ``model`` replaces the flax module
     applied to the parameters (default: ``DistilBertForSequenceClassification`` in ``dtype``).
+    ``batch_size`` and ``length_step`` set the batch shapes (``flaxsst.batching``; default: this
+    backend's).
     """
 
     def __init__(
@@ -85,24 +76,25 @@ class Classifier:
         params: dict,
         tokenizer: Tokenizer,
         *,
-        batch_size: int = 128,
+        batch_size: int | None = None,
         max_length: int = 128,
+        length_step: int | None = None,
         dtype: Any = jnp.float32,
         model: nn.Module | None = None,
     ):
-        if batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size} must be at least 1")
         if not 2 <= max_length <= config.max_position_embeddings:
             raise ConfigError(f"max_length={max_length} must lie in [2, {config.max_position_embeddings}] "
                               "(the model's max_position_embeddings)")
         enable_compilation_cache()
+        backend = jax.default_backend()
+        self.shapes = BatchShapes.for_backend(backend, max_length, batch_size, length_step)
         self.config = config
-        self.params = jax.device_put(params)
         self.tokenizer = Tokenizer(tokenizer.backend, max_length, tokenizer.lowercase)
-        self.batch_size = batch_size
+        self.batch_size = self.shapes.batch_size
         self.max_length = max_length
-        self.buckets = length_buckets(max_length)
-        self.model = model or DistilBertForSequenceClassification(config, Precision(dtype))
+        precision = Precision(dtype, float32_accumulation=backend == "cpu")
+        self.params = jax.device_put(inference_params(params, precision.dtype))
+        self.model = model or DistilBertForSequenceClassification(config, precision)
         self.forward = jax.jit(lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, deterministic=True))
 
     @classmethod
@@ -111,8 +103,9 @@ class Classifier:
         name_or_path: str | os.PathLike,
         *,
         dtype: Any = jnp.float32,
-        batch_size: int = 128,
+        batch_size: int | None = None,
         max_length: int = 128,
+        length_step: int | None = None,
         **hub_kwargs: Any,
     ) -> "Classifier":
         """From a HF folder or hub id holding weights, ``config.json`` and tokenizer files (``hub_kwargs``:
@@ -123,38 +116,36 @@ class Classifier:
         folder = resolve_model_dir(name_or_path, **hub_kwargs)
         config, params = load_pretrained(folder)
         tokenizer = Tokenizer.from_pretrained(folder, max_length)
-        return cls(config, params, tokenizer, batch_size=batch_size, max_length=max_length, dtype=dtype)
+        return cls(config, params, tokenizer, batch_size=batch_size, max_length=max_length, length_step=length_step,
+                   dtype=dtype)
 
-    def _row_count(self, n: int) -> int:
-        rows = 1
-        while rows < n:
-            rows *= 2
-        return min(rows, self.batch_size)
+    def encode(self, texts: Sequence[str] | str) -> list[list[int]]:
+        """Token ids of each text (validated as ``logits`` does), truncated to ``max_length``."""
+        return self.tokenizer.encode(validate_texts(texts))
 
     def logits(self, texts: Sequence[str] | str, progress: bool | None = None) -> np.ndarray:
         """float32 logits ``[len(texts), num_labels]``, in input order.
 
         ``progress``: a tqdm bar over batches; ``None`` shows one for long inputs on a terminal.
         """
-        texts = validate_texts(texts)
-        out = np.zeros((len(texts), self.config.num_labels), dtype=np.float32)
-        if not texts:
+        return self.logits_of_ids(self.encode(texts), progress)
+
+    def logits_of_ids(self, ids: Sequence[Sequence[int]], progress: bool | None = None) -> np.ndarray:
+        """``logits`` of texts already encoded (``encode``): float32 ``[len(ids), num_labels]``, in order."""
+        out = np.zeros((len(ids), self.config.num_labels), dtype=np.float32)
+        if not len(ids):
             return out
-        ids = self.tokenizer.encode(texts)
-        order = np.argsort([len(seq) for seq in ids], kind="stable")
-        starts = range(0, len(order), self.batch_size)
+        batches = self.shapes.plan([len(seq) for seq in ids])
         if progress is None:
-            disable = None if len(starts) > 20 else True  # None: tqdm shows the bar only on a terminal
+            disable = None if len(batches) > 20 else True  # None: tqdm shows the bar only on a terminal
         else:
             disable = not progress
-        batches = starts if disable is True else tqdm(starts, desc="predict", unit="batch", disable=disable)
-        pending = []
-        for start in batches:
-            chunk = order[start : start + self.batch_size]
-            length = pick_length(max(len(ids[i]) for i in chunk), self.buckets, self.max_length)
-            pending.append((chunk, self.forward_batch([ids[i] for i in chunk], self._row_count(len(chunk)), length)))
-        for chunk, logits in pending:
-            out[chunk] = np.asarray(logits)[: len(chunk)]
+        if disable is not True:
+            batches = tqdm(batches, desc="predict", unit="batch", disable=disable)
+        pending = [(batch.indices, self.forward_batch([ids[i] for i in batch.indices], batch.rows, batch.length))
+                   for batch in batches]
+        for indices, logits in pending:
+            out[indices] = np.asarray(logits)[: len(indices)]
         return out
 
     def forward_batch(self, ids: list[list[int]], rows: int, length: int) -> jax.Array:
@@ -163,14 +154,44 @@ class Classifier:
         input_ids, mask = pad_right(ids, rows, length, self.tokenizer.pad_id)
         return self.forward(self.params, input_ids, mask)
 
-    def __call__(self, texts: Sequence[str] | str, progress: bool | None = None) -> list[dict[str, Any]]:
-        """``[{"label": "POSITIVE", "score": 0.9998}, ...]``, one per text, in input order."""
-        probs = softmax(self.logits(texts, progress))
+    def program_shapes(self) -> list[tuple[int, int]]:
+        """Every ``(rows, length)`` a batch of ``logits`` can take: the programs it compiles."""
+        return self.shapes.programs()
+
+    def warm_up(self) -> int:
+        """Compile (or load from the cache) and run every program ``logits`` can use, so no later call
+        compiles; returns how many there are."""
+        shapes = self.program_shapes()
+        for rows, length in shapes:
+            self.forward_batch([[self.tokenizer.cls_id, self.tokenizer.sep_id]], rows, length).block_until_ready()
+        return len(shapes)
+
+    def predictions(self, logits: np.ndarray) -> list[dict[str, Any]]:
+        """``[{"label": ..., "score": ...}, ...]`` of each row of ``logits``: the best label and its softmax."""
+        probs = softmax(logits)
         best = probs.argmax(axis=-1)
         return [
             {"label": self.config.id2label[int(label)], "score": float(probs[row, label])}
             for row, label in enumerate(best)
         ]
+
+    def __call__(self, texts: Sequence[str] | str, progress: bool | None = None) -> list[dict[str, Any]]:
+        """``[{"label": "POSITIVE", "score": 0.9998}, ...]``, one per text, in input order."""
+        return self.predictions(self.logits(texts, progress))
+
+
+def inference_params(params: dict, dtype: Any) -> dict:
+    """``params`` with every matmul and embedding tensor stored in ``dtype``, the LayerNorm scales and
+    biases kept in float32: the values the model computes with, cast once instead of at every call."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.dtype(jnp.float32):
+        return params
+
+    def cast(path, leaf):
+        names = [str(getattr(key, "key", key)).replace("_", "").lower() for key in path]
+        return leaf if any(name.endswith("layernorm") for name in names) else jnp.asarray(leaf, dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def read_request(raw: str, source: str = "stdin") -> list[str]:
@@ -195,32 +216,38 @@ def read_request(raw: str, source: str = "stdin") -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from flaxsst.predict_stream import check_output_file, count_lines, predict_stream, sigterm_as_ctrl_c
+
     source = f"--input {args.input}" if args.input else "stdin"
+    if args.output:
+        check_output_file(args.output)
     try:
-        data = Path(args.input).read_bytes() if args.input else sys.stdin.buffer.read()
+        stream = open(args.input, "rb") if args.input else sys.stdin.buffer
     except OSError as e:
         raise DataError(f"{source}: cannot be read ({e.strerror or e})") from None
-    try:
-        raw = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the request
-    except UnicodeDecodeError as e:
-        raise DataError(f"{source}: {not_utf8(e)}") from None
-    texts = read_request(raw, source)
-    clf = Classifier.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size,
-                                     max_length=args.max_length, key="--model")
-    json.dump(clf(texts), sys.stdout)
-    sys.stdout.write("\n")
+    with stream, sigterm_as_ctrl_c():
+        total = count_lines(args.input) if args.input else None
+        clf = Classifier.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size,
+                                         max_length=args.max_length, key="--model")
+        predict_stream(clf, stream, source, args.format, args.output, total)
     return cli.EXIT_OK
 
 
 def parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(
         prog="python -m flaxsst.predict",
-        description='Classify texts: JSON {"input_data": [...]}, a JSON list, or one text per line on stdin '
-                    '-> JSON list on stdout.',
+        description='Classify texts. One text per line (stdin or --input) is answered as it is read: a JSON '
+                    'line per text, in input order, memory flat whatever the input size, progress on stderr. '
+                    'JSON {"input_data": [...]} or a JSON list is answered with a JSON list.',
     )
     p.add_argument("--model", required=True, help="HF folder or hub id")
     p.add_argument("--input", help="read this file instead of stdin")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--output", help="write the answers to this file (atomically: complete or not at all) "
+                                    "instead of stdout")
+    p.add_argument("--format", choices=["auto", "jsonl", "json"], default="auto",
+                   help="jsonl: one JSON object per line; json: one JSON list; auto (default): jsonl for "
+                        "one text per line, json for a JSON request")
+    p.add_argument("--batch-size", type=int, default=None, help="texts per batch (default: 32 on a CPU, 128 elsewhere)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     return p

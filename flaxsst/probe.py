@@ -294,15 +294,28 @@ def plot(rows: list[dict], summary: dict, path: Path, title: str, long_list: int
         ax.axhline(shown, color="grey", linewidth=0.8, linestyle=":")
         ax.set_title(f"the {shown} lowest and highest of {len(fillers)}", fontsize=10)
         hist = fig.add_axes([0.74, 0.08, 0.23, 0.82])
-        hist.hist(per_filler, bins=np.linspace(0, 1, 21), orientation="horizontal", color="#8a8a8a")
-        hist.axhline(0.5, color="black", linestyle="--", linewidth=1)
-        hist.set(ylim=(0, 1), xlabel="fillers", ylabel="P(POSITIVE)", title="all fillers")
+        bins = histogram_bins(per_filler)
+        hist.hist(per_filler, bins=bins, orientation="horizontal", color="#8a8a8a")
+        if bins[0] <= 0.5 <= bins[-1]:
+            hist.axhline(0.5, color="black", linestyle="--", linewidth=1)
+        hist.set(ylim=(bins[0], bins[-1]), xlabel="fillers", ylabel="P(POSITIVE)",
+                 title="all fillers" if bins[-1] - bins[0] >= 0.999 else "all fillers (their range)")
     stats = summary["p_positive"]
     fig.suptitle(f"{title}\nspread {stats['spread']:.2f} (min {stats['min']:.2f}, max {stats['max']:.2f}), "
                  f"{_labelled(summary)} labelled POSITIVE", fontsize=11)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def histogram_bins(values: np.ndarray, count: int = 20) -> np.ndarray:
+    """``count + 1`` edges over [0, 1], or over the values' own range where it is under half of that,
+    so a small spread (0.97 to 0.99) still shows its shape rather than one or two bars."""
+    low, high = float(np.min(values)), float(np.max(values))
+    if high - low >= 0.5:
+        return np.linspace(0.0, 1.0, count + 1)
+    margin = max((high - low) * 0.05, 1e-3)
+    return np.linspace(max(low - margin, 0.0), min(high + margin, 1.0), count + 1)
 
 
 def _labelled(summary: dict) -> str:
@@ -335,7 +348,7 @@ def model_label(model: str) -> str:
 
 
 def run_probe(model: str, templates: list[str], fillers: Fillers, output: Path, dtype: str = "float32",
-              batch_size: int = 128) -> dict:
+              batch_size: int | None = None) -> dict:
     """Score, write ``probe.csv``, ``summary.json`` and ``probe.png`` to ``output``; -> the summary."""
     from flaxsst.predict import Classifier
 
@@ -375,7 +388,7 @@ def parser() -> cli.ArgumentParser:
     p.add_argument("--fillers", default="countries", help=f"a filler set ({', '.join(BUILTIN_SETS)}) or a file")
     p.add_argument("--probe", help="a YAML file with 'templates' and 'fillers'")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None, help="texts per batch (default: 32 on a CPU, 128 elsewhere)")
     return p
 
 

@@ -39,7 +39,7 @@ from flaxsst.data import (
     train_lengths,
 )
 from flaxsst.errors import CheckpointError, ConfigError, FlaxsstError, Interrupted
-from flaxsst.evaluation import check_sequence_length, evaluate, global_eval_batch, write_results
+from flaxsst.evaluation import check_sequence_length, describe_split, evaluate, global_eval_batch, write_results
 from flaxsst.metric_log import METRICS_FILE, Console, MetricLog, record_values
 from flaxsst.metrics import format_table
 from flaxsst.model import DistilBertForSequenceClassification, init_params, precision_of
@@ -91,15 +91,16 @@ def model_overrides(config: TrainConfig) -> dict:
     return overrides
 
 
-def build_model(config: TrainConfig, tokenizer: Tokenizer) -> tuple[ModelConfig, dict]:
+def build_model(config: TrainConfig, tokenizer: Tokenizer, report: bool = True) -> tuple[ModelConfig, dict]:
     """The starting weights: a HF checkpoint (``model.pretrained``) or a random init of ``model.config``'s
-    shape. What loading a checkpoint changed (a head initialised, tensors dropped or folded) is logged."""
+    shape. What loading a checkpoint changed (a head initialised, tensors dropped or folded) is logged
+    where ``report`` (a resumed run replaces these weights with its checkpoint's: no report)."""
     pretrained = config.model.pretrained
     if pretrained:
-        model_config, params, report = load_pretrained(pretrained, rng=config.train.seed, return_report=True,
-                                                       setting="model.pretrained", **model_overrides(config))
-        if report.initialized or report.dropped or report.folded:
-            logger.info(report.summary())
+        model_config, params, load_report = load_pretrained(pretrained, rng=config.train.seed, return_report=True,
+                                                            setting="model.pretrained", **model_overrides(config))
+        if report and (load_report.initialized or load_report.dropped or load_report.folded):
+            logger.info(load_report.summary())
         check_sequence_length(config, model_config, pretrained)
         return model_config, params
     model_config = ModelConfig(**{"vocab_size": tokenizer.vocab_size, **model_overrides(config)})
@@ -261,12 +262,10 @@ class Trainer:
         resume_step = self.checkpoints.latest_intact()  # before anything heavy: every checkpoint damaged is an error
         if self.is_main:
             write_config(self.workdir, config)
-        initial_state = self._prepare()
+        initial_state = self._prepare(resuming=resume_step is not None)
         self._check_stop()
-        if config.train.warmup_steps >= self.total_steps and self.is_main:
-            logger.warning("train.warmup_steps=%d is not shorter than the schedule's %d steps: the learning rate "
-                           "never reaches train.learning_rate=%g", config.train.warmup_steps, self.total_steps,
-                           config.train.learning_rate)
+        if self.is_main:
+            self._warn_about_the_schedule()
         start, meta = self._resume(resume_step, initial_state)
         self._check_stop()
         if start > self.end_step and self.is_main:
@@ -299,15 +298,19 @@ class Trainer:
         return TrainResult(max(start, self.end_step), True, meta["best_accuracy"], eval_metrics, export_dir,
                            self._host_params(), compile_seconds, train_seconds)
 
-    def _prepare(self) -> TrainState:
-        """Tokenizer, model, data, schedule and steps; -> the fresh state on the host."""
+    def _prepare(self, resuming: bool = False) -> TrainState:
+        """Tokenizer, model, data, schedule and steps; -> the fresh state on the host (a resumed run
+        replaces it with its checkpoint's)."""
         config = self.config
         cache_dir = Path(config.data.cache_dir or self.workdir / "cache")
         self.tokenizer = build_tokenizer(config, cache_dir)
-        self.model_config, params = build_model(config, self.tokenizer)
+        self.model_config, params = build_model(config, self.tokenizer, report=not resuming)
         splits = [load_tokenized(config.data, split, self.tokenizer, self.model_config.label2id, cache_dir,
                                  config.train.seed) for split in (config.data.train_split, config.data.eval_split)]
         self.train_split, self.eval_split = splits
+        if self.is_main:
+            logger.info("training on %d examples from %s; evaluating on %s", len(self.train_split),
+                        self.train_split.source, describe_split(self.eval_split))
         self.steps_per_epoch = steps_per_epoch(len(self.train_split), config.train.global_batch_size)
         self.total_steps = math.ceil(config.train.num_epochs * self.steps_per_epoch)
         self.end_step = min(self.total_steps, config.train.max_steps) if config.train.max_steps > 0 else self.total_steps
@@ -316,13 +319,34 @@ class Trainer:
         self.eval = Programs(self.steps.eval)
         return create_train_state(self.steps.groups.pack(params), self.steps.optimizer, config.train.seed)
 
+    def _warn_about_the_schedule(self) -> None:
+        """One warning where the run stops short of what its schedule was built for: a warmup as long
+        as the schedule, ``train.max_steps`` inside the warmup, or before half of the schedule."""
+        train = self.config.train
+        last_rate = float(self.steps.schedule(max(self.end_step - 1, 0)))
+        if train.warmup_steps >= self.total_steps:
+            logger.warning("train.warmup_steps=%d is not shorter than the schedule's %d steps: the learning rate "
+                           "never reaches train.learning_rate=%g", train.warmup_steps, self.total_steps,
+                           train.learning_rate)
+        elif self.end_step < train.warmup_steps:
+            logger.warning("train.max_steps=%d stops the run inside its %d-step warmup: the learning rate stops at "
+                           "%.3g, below its peak train.learning_rate=%g; raise train.max_steps past the warmup or "
+                           "lower train.warmup_steps", train.max_steps, train.warmup_steps, last_rate,
+                           train.learning_rate)
+        elif self.end_step < self.total_steps / 2:
+            logger.warning("train.max_steps=%d stops the run at step %d of the schedule's %d (train.num_epochs=%g): "
+                           "the learning rate stops at %.3g, still %.0f%% of its peak; to train a shorter schedule, "
+                           "lower train.num_epochs instead", train.max_steps, self.end_step, self.total_steps,
+                           train.num_epochs, last_rate, 100 * last_rate / train.learning_rate)
+
     def _resume(self, step: int | None, initial_state: TrainState) -> tuple[int, dict]:
         """Checkpoint ``step``'s state on the devices and its meta; or (no checkpoint) the fresh state."""
         meta = {"step": 0, "best_accuracy": None, "best_step": None}
         state = jax.device_get(initial_state)
         if step is not None:
             state, meta = self.checkpoints.restore(step, state)
-            logger.info("resuming from %s at step %d", self.checkpoints.path(step), step)
+            logger.info("resuming from %s at step %d of %d: the weights, optimizer state and best step saved there",
+                        self.checkpoints.path(step), step, self.end_step)
         self.last_good = str(self.checkpoints.path(step)) if step is not None else None
         self.state = replicate(state)
         return int(meta["step"]), meta
@@ -428,9 +452,9 @@ class Trainer:
             return None, final
         params = self.steps.groups.unpack(restored.params)
         export_dir = save_pretrained(self.workdir / "export", self.model_config, params, tokenizer=self.tokenizer)
-        write_results(self.workdir / "eval_results.json", final, split=self.eval_split.source, step=best_step,
+        write_results(self.workdir / "eval_results.json", final, self.eval_split, step=best_step,
                       checkpoint=str(self.checkpoints.path(best_step)))
-        print(f"{self.eval_split.source}: the exported checkpoint, step {best_step} "
+        print(f"{describe_split(self.eval_split)}: the exported checkpoint, step {best_step} "
               f"(epoch {best_step / self.steps_per_epoch:.2f}, the best dev accuracy of the run)")
         print(format_table(final, self.model_config.id2label))
         from flaxsst.plot import plot_workdir

@@ -113,3 +113,14 @@ def hub_dataset_cache(cache: Path, repo_id: str, subset: str, splits: dict[str, 
             shutil.move(str(file), target / file.name)
     shutil.rmtree(build)
     return target
+
+
+def data_subfolder(test_data: Path, name: str) -> Path:
+    """``FLAXSST_TEST_DATA/name``; where it is missing the test is skipped, naming the folder (an
+    offline machine may hold only some of them)."""
+    import pytest
+
+    folder = test_data / name
+    if not folder.is_dir():
+        pytest.skip(f"FLAXSST_TEST_DATA={test_data} has no {name}/ (see README 'Test data')")
+    return folder

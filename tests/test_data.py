@@ -14,12 +14,13 @@ from flaxsst.data import (
     train_batch_indices,
 )
 from flaxsst.tokenizer import Tokenizer
+from tests.fixtures import data_subfolder
 
 LABEL2ID = {"NEGATIVE": 0, "POSITIVE": 1}
 
 
 def test_real_glue_folder_reads_every_row(test_data):
-    data = DataSection(path=str(test_data / "sst2"))
+    data = DataSection(path=str(data_subfolder(test_data, "sst2")))
     texts, labels, source = read_split(data, "train", LABEL2ID)
     assert len(texts) == 67_349 and int(labels.sum()) == 37_569 and source.endswith("train.tsv")
     dev_texts, dev_labels, _ = read_split(data, "validation", LABEL2ID)
@@ -87,6 +88,22 @@ def test_missing_column_is_named(tmp_path):
     (tmp_path / "glue" / "train.tsv").write_text("text\tlabel\ngood\t1\n")
     with pytest.raises(DataError, match=r"no column 'sentence'; columns are \['text', 'label'\] \(set data\.text_column=<one of them>\)"):
         read_split(DataSection(path=str(tmp_path / "glue")), "train", LABEL2ID)
+
+
+def test_an_unlabelled_split_says_it_has_no_labels_instead_of_offering_its_index_as_one(tmp_path):
+    (tmp_path / "test.tsv").write_text("index\tsentence\n0\tuneasy mishmash of styles\n1\ta fine film\n")
+    with pytest.raises(DataError) as caught:
+        read_split(DataSection(path=str(tmp_path)), "test", LABEL2ID)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'test.tsv'} has no labels: no column 'label', only ['index', 'sentence']")
+    assert "data.eval_split=validation" in message and "label_column" not in message
+
+
+def test_a_missing_label_column_offers_the_other_columns(tmp_path):
+    (tmp_path / "dev.tsv").write_text("sentence\tstars\na fine film\t1\n")
+    with pytest.raises(DataError, match=r"no column 'label'; columns are \['sentence', 'stars'\] "
+                                        r"\(set data\.label_column=<one of \['stars'\]>\)"):
+        read_split(DataSection(path=str(tmp_path)), "validation", LABEL2ID)
 
 
 def test_one_file_is_not_both_the_train_and_the_eval_split(tmp_path):

@@ -122,7 +122,7 @@ def test_model_id_loads_offline_from_a_hub_style_cache_and_a_missing_one_is_one_
     env = command_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     result = run(["-m", "flaxsst.predict", "--model", "someorg/tiny-sst2"], env, stdin="a fine film\n")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [set(p) for p in json.loads(result.stdout)] == [{"label", "score"}]
+    assert [set(json.loads(line)) for line in result.stdout.splitlines()] == [{"label", "score"}]  # a JSON line per text
     result = run(["-m", "flaxsst.predict", "--model", "someorg/other"], env, stdin="a fine film\n")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "--model=someorg/other is neither a local folder nor a hub model" in result.stderr

@@ -10,7 +10,7 @@ import transformers
 from flaxsst.config import ModelConfig
 from flaxsst.convert import config_from_hf, load_pretrained, state_dict_to_params
 from flaxsst.model import DistilBertForSequenceClassification, DistilBertModel, Precision, init_params
-from tests.fixtures import random_ids
+from tests.fixtures import data_subfolder, random_ids
 
 
 def _torch_state(model) -> dict:
@@ -112,7 +112,7 @@ def test_bert_family_encoder_equals_transformers_bert_model(prefixed):
 
 
 def test_real_pretrained_minilm_equals_transformers(test_data):
-    folder = test_data / "minilm-l6"
+    folder = data_subfolder(test_data, "minilm-l6")
     reference = transformers.BertModel.from_pretrained(folder, dtype=torch.float32).eval()
     config, params = load_pretrained(folder)
     assert params["distilbert"]["embeddings"]["word_embeddings"]["embedding"].dtype == jnp.float32
@@ -133,10 +133,10 @@ def test_bf16_with_float32_residual_is_as_close_to_fp32_as_torch_autocast(test_d
     within 1.3x of PyTorch autocast's (bf16 matmuls, fp32 norms and adds); all-bf16 is further off."""
     from flaxsst.tokenizer import Tokenizer, pad_right
 
-    folder = test_data / "minilm-l6"
+    folder = data_subfolder(test_data, "minilm-l6")
     reference = transformers.BertModel.from_pretrained(folder, dtype=torch.float32, add_pooling_layer=False).eval()
     config, params = load_pretrained(folder)
-    rows = (test_data / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:65]
+    rows = (data_subfolder(test_data, "sst2") / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:65]
     tok = Tokenizer.from_pretrained(folder, max_length=64)
     input_ids, mask = pad_right(tok.encode([r.split("\t")[0] for r in rows]), len(rows), 64, tok.pad_id)
     real = mask.astype(bool)

@@ -5,13 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
 from flaxsst import Classifier
-from flaxsst.predict import length_buckets
 from tests.fixtures import sentences
 
 
@@ -51,9 +51,44 @@ def test_repeated_calls_reuse_a_few_compiled_shapes(tiny_model_dir):
     for _ in range(12):
         n = int(rng.integers(1, 20))
         clf([" ".join(["film"] * int(rng.integers(0, 70))) for _ in range(n)])
-    assert clf.buckets == (16, 32, 64)
-    # at most (3 lengths) x (row counts 1, 2, 4, 8)
-    assert clf.forward._cache_size() <= 12
+    # on a CPU: lengths 4, 8, ..., 64 and row counts 1, 2, 4, 8, compiled only as calls need them
+    assert len(clf.program_shapes()) == 16 * 4
+    assert clf.forward._cache_size() <= len(clf.program_shapes())
+
+
+def test_warm_up_compiles_every_program_so_later_calls_compile_nothing(tiny_model_dir):
+    clf = Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=16)
+    assert clf.warm_up() == len(clf.program_shapes()) == 4 * 3  # lengths 4, 8, 12, 16 x rows 1, 2, 4
+    compiled = clf.forward._cache_size()
+    clf([" ".join(["film"] * n) for n in range(20)])
+    assert clf.forward._cache_size() == compiled
+
+
+def test_bfloat16_logits_follow_pytorch_autocast(tiny_model_dir):
+    texts = sentences()
+    model = transformers.DistilBertForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = np.concatenate([model(**tok([t], return_tensors="pt")).logits.float().numpy() for t in texts])
+    with torch.inference_mode():
+        exact = np.concatenate([model(**tok([t], return_tensors="pt")).logits.numpy() for t in texts])
+    got = Classifier.from_pretrained(tiny_model_dir, dtype="bfloat16").logits(texts)
+    # as close to float32 as autocast is (bf16 rounds to 3 significant digits), and never wildly off
+    assert np.abs(got - exact).max() <= max(2 * np.abs(autocast - exact).max(), 2e-2)
+
+
+def test_bfloat16_inference_params_keep_the_layer_norms_in_float32(tiny_model_dir):
+    from flaxsst.convert import load_pretrained
+    from flaxsst.predict import inference_params
+
+    _, params = load_pretrained(tiny_model_dir)
+    cast = inference_params(params, "bfloat16")
+    layer = cast["distilbert"]["transformer"]["layer"]["0"]
+    assert layer["sa_layer_norm"]["scale"].dtype == np.float32
+    assert cast["distilbert"]["embeddings"]["LayerNorm"]["bias"].dtype == np.float32
+    assert layer["ffn"]["lin1"]["kernel"].dtype == jnp.bfloat16
+    assert cast["distilbert"]["embeddings"]["word_embeddings"]["embedding"].dtype == jnp.bfloat16
+    assert inference_params(params, "float32") is params
 
 
 def test_empty_list_gives_empty_list(clf):
@@ -107,12 +142,6 @@ def test_very_long_text_is_truncated_not_an_error(clf, hf_pipeline):
     assert ours["score"] == pytest.approx(reference["score"], abs=1e-5)
 
 
-def test_length_buckets_are_powers_of_two_up_to_max_length():
-    assert length_buckets(128) == (16, 32, 64, 128)
-    assert length_buckets(100) == (16, 32, 64, 100)
-    assert length_buckets(16) == (16,)
-
-
 def _cli(model_dir, stdin):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "flaxsst.predict", "--model", str(model_dir)],
@@ -130,7 +159,7 @@ def test_cli_reads_the_endpoint_json_request(clf, tiny_model_dir):
 def test_cli_reads_one_text_per_line(clf, tiny_model_dir):
     result = _cli(tiny_model_dir, "the film was great\nawful , boring\n")
     assert result.returncode == 0, result.stderr
-    got = json.loads(result.stdout)
+    got = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(got) == 2 and [p["label"] for p in got] == [p["label"] for p in clf(["the film was great", "awful , boring"])]
 
 
@@ -145,3 +174,14 @@ def test_progress_bar_over_batches_when_asked(clf, capsys):
     texts = ["the film was great"] * 9
     assert clf(texts, progress=True) == clf(texts, progress=False)
     assert "predict" in capsys.readouterr().err
+
+
+def test_a_script_beside_a_folder_named_flaxsst_imports_the_package(tmp_path):
+    """The README's editable install (``editable_mode=compat``) puts the clone on ``sys.path``, so the
+    real package wins over a same-named folder beside the script (a namespace package otherwise)."""
+    (tmp_path / "flaxsst").mkdir()
+    (tmp_path / "script.py").write_text("from flaxsst import Classifier\nprint(Classifier.__module__)\n")
+    result = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "flaxsst.predict"

@@ -143,3 +143,13 @@ def test_training_curves_read_at_a_glance():
         (best,) = [line for line in ax.get_lines() if line.get_label().startswith("best checkpoint")]
         assert list(best.get_xdata()) == [200, 200]
         assert ax.get_legend() is not None
+
+
+def test_the_histogram_of_a_small_spread_shows_its_shape_not_two_bars():
+    from flaxsst.probe import histogram_bins
+
+    values = np.linspace(0.97, 0.99, 249)  # as a well-trained model's fillers: all near 0.98
+    counts, _ = np.histogram(values, bins=histogram_bins(values))
+    assert (counts > 0).sum() >= 15  # over [0, 1] in 20 bins of 0.05 they fill one or two
+    wide = np.array([0.1, 0.5, 0.9])
+    assert np.array_equal(histogram_bins(wide), np.linspace(0, 1, 21))

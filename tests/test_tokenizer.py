@@ -7,6 +7,7 @@ import transformers
 
 from flaxsst.errors import CheckpointError
 from flaxsst.tokenizer import Tokenizer, pad_right
+from tests.fixtures import data_subfolder
 
 AWKWARD = [
     "",
@@ -25,7 +26,7 @@ AWKWARD = [
 
 
 def _sst2_dev(test_data):
-    with open(test_data / "sst2" / "dev.tsv", encoding="utf-8", newline="") as f:
+    with open(data_subfolder(test_data, "sst2") / "dev.tsv", encoding="utf-8", newline="") as f:
         return [row["sentence"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
@@ -35,7 +36,7 @@ def _reference_ids(reference, texts, max_length):
 
 @pytest.fixture(scope="module")
 def real_folder(test_data):
-    return test_data / "distilbert-base-uncased-finetuned-sst-2-english"
+    return data_subfolder(test_data, "distilbert-base-uncased-finetuned-sst-2-english")
 
 
 @pytest.mark.parametrize("source", ["tokenizer.json", "vocab.txt"])

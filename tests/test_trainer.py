@@ -140,8 +140,8 @@ def test_a_stop_whose_exception_python_dropped_still_ends_the_run_before_the_fir
     dropped; the run still ends before training, as it does when the exception gets through."""
     prepare = Trainer._prepare
 
-    def prepare_then_signal(self):
-        state = prepare(self)
+    def prepare_then_signal(self, *args, **kwargs):
+        state = prepare(self, *args, **kwargs)
         try:
             os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler raises here...
             time.sleep(1)
@@ -203,3 +203,50 @@ def test_the_load_report_is_logged_once(tmp_path, vocab_file, caplog):
         build_model(config, build_tokenizer(config, tmp_path))
     reports = [r.getMessage() for r in caplog.records if "freshly initialised" in r.getMessage()]
     assert len(reports) == 1 and "pre_classifier.weight" in reports[0]
+
+
+def test_a_resume_names_its_checkpoint_and_does_not_repeat_the_load_report(tmp_path, tiny_model_dir, caplog):
+    base = tmp_path / "base"  # DistilBERT without the classifier head: loading it initialises the head
+    transformers.DistilBertModel.from_pretrained(tiny_model_dir).save_pretrained(base)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model_dir / name).is_file():
+            (base / name).write_bytes((tiny_model_dir / name).read_bytes())
+    config = _config(f"model.pretrained={base}", "data.max_seq_length=32")
+
+    def interrupt_at_5(trainer, step):
+        if step == 5:
+            trainer.request_stop()
+
+    with caplog.at_level("INFO", logger="flaxsst"):
+        assert not Trainer(config, tmp_path / "run", on_step=interrupt_at_5).run().finished
+    assert "freshly initialised (not in the checkpoint): pre_classifier.weight" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="flaxsst"):
+        assert Trainer(config, tmp_path / "run").run().finished
+    assert "freshly initialised" not in caplog.text and "loaded distilbert checkpoint" not in caplog.text.lower()
+    assert f"resuming from {tmp_path / 'run' / 'checkpoints' / '5'} at step 5 of 20" in caplog.text
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    # warmup 30 of a 20-step schedule is refused elsewhere; here warmup 10, the run stops at step 3:
+    # the last step (index 2) runs at 3e-3 * 2 / 10
+    (["train.warmup_steps=10", "train.max_steps=3"],
+     "train.max_steps=3 stops the run inside its 10-step warmup: the learning rate stops at 0.0006, "
+     "below its peak train.learning_rate=0.003"),
+    # warmup 2 of 20 steps, stop at 6: the last step (index 5) at 3e-3 * (20 - 5) / 18
+    (["train.warmup_steps=2", "train.max_steps=6"],
+     "train.max_steps=6 stops the run at step 6 of the schedule's 20 (train.num_epochs=2): the learning rate "
+     "stops at 0.0025, still 83% of its peak"),
+])
+def test_max_steps_that_cut_the_schedule_short_are_one_warning_with_the_last_learning_rate(tmp_path, caplog,
+                                                                                          overrides, expected):
+    with caplog.at_level("WARNING", logger="flaxsst"):
+        assert Trainer(_config(*overrides), tmp_path).run().finished
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(expected), warnings
+
+
+def test_a_full_schedule_gives_no_schedule_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="flaxsst"):
+        assert Trainer(_config("train.warmup_steps=2", "train.max_steps=15"), tmp_path).run().finished
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -1,0 +1,5 @@
+import sys
+
+from flaxsst.serve.server import console_main
+
+sys.exit(console_main())
