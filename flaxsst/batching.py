@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from flaxsst.data import pick_length
 from flaxsst.errors import ConfigError
 
 CPU_BATCH_SIZE = 32
@@ -86,10 +87,9 @@ class BatchShapes:
 
     def padded_length(self, longest: int) -> int:
         """The shortest of ``lengths`` that holds ``longest`` tokens."""
-        for length in self.lengths:
-            if longest <= length:
-                return length
-        raise ValueError(f"a text of {longest} tokens is longer than the longest batch ({self.lengths[-1]})")
+        if longest > self.lengths[-1]:
+            raise ValueError(f"a text of {longest} tokens is longer than the longest batch ({self.lengths[-1]})")
+        return pick_length(longest, self.lengths, self.lengths[-1])
 
     def _parts(self, count: int) -> list[tuple[int, int]]:
         """``(texts, rows)`` of the batches ``count`` sorted texts (at most ``batch_size``) run as."""

@@ -262,12 +262,9 @@ class MultiHeadSelfAttention(nn.Module):
                 weights = jnp.zeros_like(weights)
             if dropout_keep is not None:
                 weights = jax.lax.select(dropout_keep, weights / (1.0 - rate), jnp.zeros_like(weights))
-            if _accumulates_in_float32(precision):
-                context = jnp.einsum("bhqk,bkhd->bqhd", weights, value, preferred_element_type=jnp.float32)
-                context = context.astype(precision.dtype)
-            else:
-                context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-            return context.reshape(batch, query.shape[1], config.dim)
+            accumulate = jnp.float32 if _accumulates_in_float32(precision) else None
+            context = jnp.einsum("bhqk,bkhd->bqhd", weights, value, preferred_element_type=accumulate)
+            return context.astype(precision.dtype).reshape(batch, query.shape[1], config.dim)
 
         def kernel_path(query, key, value, attention_mask, dropout_keep):
             rows = (batch, -1, config.dim)

@@ -59,15 +59,21 @@ class ServerProcess:
         raise AssertionError(f"/ready was not 200 within {timeout} s:\n{self.stderr()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(30)
+        returncode = stop_process(self.process, sig, timeout)
         self._reader.join(10)
-        return self.process.returncode
+        return returncode
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    """``sig`` to ``process`` (by its own pid), then SIGKILL if it is still there after ``timeout``; its exit code."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+    return process.returncode
 
 
 async def post_all(url: str, bodies: list, timeout: float = 120) -> list[httpx.Response | Exception]:

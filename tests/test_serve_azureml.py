@@ -8,7 +8,6 @@ otherwise this interpreter is used if it has the package, and the tests skip if 
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 import flaxsst.serve.azureml_score
 from flaxsst import Classifier
 from tests.commands import ROOT
-from tests.serving import free_port, post_all, run_async, texts_of
+from tests.serving import free_port, post_all, run_async, stop_process, texts_of
 
 CARD = ["Today was an amazing day!", "It was an unfortunate series of events."]
 # azmlinfsrv listens on 0.0.0.0 and has no --host flag: loopback is set before its entry point runs
@@ -72,12 +71,7 @@ def azmlinfsrv(tiny_model_dir, tmp_path_factory):
             raise AssertionError(f"azmlinfsrv did not answer within 300 s:\n{(mount / 'server.log').read_text()}")
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(30)
+        stop_process(process)
         log.close()
 
 
