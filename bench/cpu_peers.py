@@ -5,11 +5,14 @@
 
 Peers: PyTorch fp32, PyTorch bf16 autocast (oneDNN), ONNX Runtime fp32 (plain, and with
 ``onnxruntime.transformers``' BERT fusions). Every peer gets the fair batching: the texts sorted by
-length, batches padded to their own longest, at each of ``--peer-batch-sizes`` (its best counts);
+length, batches padded to their own longest, at each of ``--peer-batch-sizes`` (its best counts; the
+default includes flaxsst's own CPU batch size);
 flaxsst runs as a user calls it (``Classifier.logits(texts)``, tokenization included). The same random
 DistilBERT-base weights for all, ``--threads`` threads each. Also the one-sentence latency (median and
 p99 of ``--latency-calls`` calls) and a fresh process's first prediction, with an empty compilation
-cache and with a warm one. Prints JSON lines; the last, ``summary``, has the ratios.
+cache and with a warm one. The timed runs take turns, one of each runner a round for ``--repeats``
+rounds, so a change in the machine's load falls on every runner alike; each runner's best counts.
+Prints JSON lines; the last, ``summary``, has the ratios.
 
     python -m bench.cpu_peers --plot-from RESULTS.jsonl --png OUT.png     # the chart of a saved run
 """
@@ -69,14 +72,15 @@ def fair_batches(ids: list[list[int]], batch_size: int):
         yield chunk, input_ids, mask
 
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (and compiles)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best_seconds_in_turns(runs: dict, rounds: int) -> dict:
+    """Each of ``runs`` once a round, ``rounds`` times, after one untimed call each: its best seconds."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(seconds) for name, seconds in times.items()}
 
 
 def latency_ms(fn, calls: int) -> dict:
@@ -143,9 +147,9 @@ def main() -> None:
     parser.add_argument("--png", help="write the run's chart here")
     parser.add_argument("--tokenizer-dir", help="folder with tokenizer.json / vocab.txt")
     parser.add_argument("--texts", help="a GLUE .tsv (its sentence column) or a file of one text per line")
-    parser.add_argument("--peer-batch-sizes", type=int, nargs="+", default=[128, 32])
+    parser.add_argument("--peer-batch-sizes", type=int, nargs="+", default=[128, 32, 24])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds, every runner once a round")
     parser.add_argument("--latency-calls", type=int, default=200)
     parser.add_argument("--skip-cold-start", action="store_true")
     args = parser.parse_args()
@@ -226,7 +230,9 @@ def main() -> None:
         return out
 
     truth = gather(peers["torch_fp32"], 32)
-    runs = {"flaxsst_fp32": lambda: flax_fp32.logits(texts), "flaxsst_bf16": lambda: flax_bf16.logits(texts)}
+    flax_serial = Classifier.from_pretrained(work, concurrent_batches=1)  # the lever: one batch at a time
+    runs = {"flaxsst_fp32": lambda: flax_fp32.logits(texts), "flaxsst_bf16": lambda: flax_bf16.logits(texts),
+            "flaxsst_fp32_one_batch_at_a_time": lambda: flax_serial.logits(texts)}
     for name, fn in peers.items():
         for batch_size in args.peer_batch_sizes:
             runs[f"{name}@{batch_size}"] = lambda fn=fn, batch_size=batch_size: gather(fn, batch_size)
@@ -236,10 +242,9 @@ def main() -> None:
         programs = {(batch.rows, batch.length) for batch in flax_fp32.shapes.plan([len(seq) for seq in ids])}
         emit({"what": "first_call", "runner": name, "seconds": round(time.perf_counter() - start, 2),
               "programs": len(programs)})
-    seconds = {}
-    for name, fn in runs.items():
-        got = fn()
-        seconds[name] = best_seconds(fn, args.repeats)
+    outputs = {name: fn() for name, fn in runs.items()}  # the untimed call of each
+    seconds = best_seconds_in_turns(runs, args.repeats)
+    for name, got in outputs.items():
         emit({"what": "texts", "runner": name, "seconds": round(seconds[name], 3),
               "texts_per_s": round(len(texts) / seconds[name], 1),
               "max_abs_logit_diff_vs_torch_fp32": float(np.abs(got - truth).max()),

@@ -2,10 +2,11 @@
 fixed set of shapes so that repeated calls reuse a few compiled programs.
 
 On a CPU the work grows with every padded token and every padding row, and a compile takes
-~0.5 s, so a batch takes its own longest text rounded up to a multiple of 4 tokens, and a short
-batch runs as power-of-two parts instead of carrying padding rows (measured on the 872 SST-2 dev
-sentences: 1.9x the speed of powers-of-two lengths with padded rows; bench/RESULTS.md). On an
-accelerator, where a launch costs more than a padded row, batches pad to powers of two.
+~0.5 s, so a batch of 24 texts takes the shortest of ``octave_steps`` lengths that holds its
+longest text (every length up to 16, then steps of 2 to 32, 4 to 64, 8 to 128: a text pads by less
+than 1/8 of its own length), and a short batch runs as power-of-two parts instead of carrying
+padding rows (measured on the 872 SST-2 dev sentences, bench/RESULTS.md). On an accelerator, where
+a launch costs more than a padded row, batches pad to powers of two.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import numpy as np
 from flaxsst.data import pick_length
 from flaxsst.errors import ConfigError
 
-CPU_BATCH_SIZE = 32
-CPU_LENGTH_STEP = 4
+CPU_BATCH_SIZE = 24
+CPU_STEPS_PER_OCTAVE = 8
 ACCELERATOR_BATCH_SIZE = 128
 ACCELERATOR_SMALLEST_LENGTH = 16
 
@@ -31,6 +32,18 @@ def powers_of_two(smallest: int, largest: int) -> tuple[int, ...]:
     while length < largest:
         lengths.append(length)
         length *= 2
+    return (*lengths, largest)
+
+
+def octave_steps(per_octave: int, largest: int) -> tuple[int, ...]:
+    """Lengths from 2 below ``largest``, and ``largest`` itself, each octave ``[p, 2p)`` in steps of
+    ``p / per_octave`` (at least 1): a length ``n`` pads to less than ``n * (1 + 1 / per_octave)``.
+    ``octave_steps(8, 40)`` is ``2, 3, ..., 16, 18, ..., 30, 32, 36, 40``."""
+    lengths = []
+    length = 2
+    while length < largest:
+        lengths.append(length)
+        length += max(1, (1 << (length.bit_length() - 1)) // per_octave)
     return (*lengths, largest)
 
 
@@ -66,12 +79,14 @@ class BatchShapes:
     def for_backend(cls, backend: str, max_length: int, batch_size: int | None = None,
                     length_step: int | None = None) -> "BatchShapes":
         """The defaults for ``backend`` ("cpu", "gpu", "tpu"); ``batch_size`` and ``length_step`` (padded
-        lengths are its multiples) replace them."""
+        lengths are its multiples instead) replace them."""
         if length_step is not None and length_step < 1:
             raise ConfigError(f"length_step={length_step} must be at least 1")
         if backend == "cpu":
             rows = CPU_BATCH_SIZE if batch_size is None else batch_size
-            return cls(rows, multiples(length_step or CPU_LENGTH_STEP, max_length), True)
+            lengths = multiples(length_step, max_length) if length_step else octave_steps(CPU_STEPS_PER_OCTAVE,
+                                                                                          max_length)
+            return cls(rows, lengths, True)
         lengths = multiples(length_step, max_length) if length_step else powers_of_two(
             min(ACCELERATOR_SMALLEST_LENGTH, max_length), max_length)
         return cls(ACCELERATOR_BATCH_SIZE if batch_size is None else batch_size, lengths, False)

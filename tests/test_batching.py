@@ -3,17 +3,19 @@
 import numpy as np
 import pytest
 
-from flaxsst.batching import BatchShapes, multiples, powers_of_two
+from flaxsst.batching import BatchShapes, multiples, octave_steps, powers_of_two
 from flaxsst.errors import ConfigError
 
 
-def test_cpu_batches_pad_to_a_multiple_of_four_and_split_short_batches_into_powers_of_two():
+def test_cpu_batches_pad_by_under_an_eighth_and_split_short_batches_into_powers_of_two():
     shapes = BatchShapes.for_backend("cpu", 128, batch_size=4)
-    lengths = [9, 2, 30, 5, 5, 17, 128]  # sorted: 2 5 5 9 | 17 30 128
+    lengths = [9, 2, 31, 5, 5, 17, 100]  # sorted: 2 5 5 9 | 17 31 100
     batches = shapes.plan(lengths)
     got = [(sorted(b.indices.tolist()), b.rows, b.length) for b in batches]
-    # worked by hand: the first four (2, 5, 5, 9 tokens) pad to 12; the last three split 2 + 1
-    assert got == [([0, 1, 3, 4], 4, 12), ([2, 5], 2, 32), ([6], 1, 128)]
+    # worked by hand: 2, 5, 5, 9 tokens take length 9 (every length up to 16); the last three split
+    # 2 + 1: 31 pads to 32 (steps of 2 up to 32), 100 to 104 (steps of 8 from 64)
+    assert got == [([0, 1, 3, 4], 4, 9), ([2, 5], 2, 32), ([6], 1, 104)]
+    assert BatchShapes.for_backend("cpu", 128).batch_size == 24
 
 
 def test_every_text_is_in_exactly_one_batch_that_holds_it():
@@ -28,7 +30,8 @@ def test_every_text_is_in_exactly_one_batch_that_holds_it():
             assert len(b.indices) <= b.rows <= 24 and (b.rows, b.length) in shapes.programs()
             assert max(lengths[i] for i in b.indices) <= b.length
             if backend == "cpu":
-                assert b.rows == len(b.indices) and b.length - max(lengths[i] for i in b.indices) < 4
+                longest = max(lengths[i] for i in b.indices)
+                assert b.rows == len(b.indices) and b.length - longest < max(1, longest / 8)
 
 
 def test_accelerator_batches_keep_powers_of_two_lengths_and_padded_rows():
@@ -40,6 +43,9 @@ def test_accelerator_batches_keep_powers_of_two_lengths_and_padded_rows():
 
 def test_shape_sets_and_bad_settings():
     assert multiples(4, 10) == (4, 8, 10) and powers_of_two(16, 100) == (16, 32, 64, 100)
+    assert octave_steps(8, 40) == (*range(2, 17), 18, 20, 22, 24, 26, 28, 30, 32, 36, 40)
+    assert octave_steps(4, 20) == (*range(2, 8), 8, 10, 12, 14, 16, 20) and octave_steps(8, 2) == (2,)
+    assert BatchShapes.for_backend("cpu", 16, length_step=4).lengths == (4, 8, 12, 16)
     assert BatchShapes.for_backend("cpu", 16, batch_size=4).row_counts() == [1, 2, 4]
     assert BatchShapes.for_backend("cpu", 16, batch_size=6).row_counts() == [1, 2, 4, 6]
     with pytest.raises(ConfigError, match="batch_size=0 must be at least 1"):

@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -51,17 +53,68 @@ def test_repeated_calls_reuse_a_few_compiled_shapes(tiny_model_dir):
     for _ in range(12):
         n = int(rng.integers(1, 20))
         clf([" ".join(["film"] * int(rng.integers(0, 70))) for _ in range(n)])
-    # on a CPU: lengths 4, 8, ..., 64 and row counts 1, 2, 4, 8, compiled only as calls need them
-    assert len(clf.program_shapes()) == 16 * 4
+    # on a CPU: lengths 2, 3, ..., 16, 18, ..., 32, 36, ..., 64 and row counts 1, 2, 4, 8, compiled only
+    # as calls need them
+    assert len(clf.program_shapes()) == (15 + 8 + 8) * 4
     assert clf.forward._cache_size() <= len(clf.program_shapes())
 
 
 def test_warm_up_compiles_every_program_so_later_calls_compile_nothing(tiny_model_dir):
-    clf = Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=16)
+    clf = Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=16, length_step=4)
     assert clf.warm_up() == len(clf.program_shapes()) == 4 * 3  # lengths 4, 8, 12, 16 x rows 1, 2, 4
     compiled = clf.forward._cache_size()
     clf([" ".join(["film"] * n) for n in range(20)])
     assert clf.forward._cache_size() == compiled
+
+
+def test_concurrent_batches_give_each_text_its_own_logits_in_input_order(tiny_model_dir):
+    texts = [" ".join(["good", "bad", "film"][i % 3:] * (i % 7)) + f" {i}" for i in range(24)]
+    model = transformers.DistilBertForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        expected = np.concatenate([model(**tok([t], return_tensors="pt")).logits.numpy() for t in texts])
+    clf = Classifier.from_pretrained(tiny_model_dir, batch_size=2, concurrent_batches=3)
+    running, most = [0], [0]
+    lock = threading.Lock()
+    forward_batch = clf.forward_batch
+
+    def slow_forward_batch(ids, rows, length):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)  # long enough that the three threads' batches overlap
+        logits = np.asarray(forward_batch(ids, rows, length))
+        with lock:
+            running[0] -= 1
+        return logits
+
+    clf.forward_batch = slow_forward_batch
+    np.testing.assert_allclose(clf.logits(texts), expected, atol=1e-5, rtol=0)
+    assert most[0] == 3
+
+
+def test_an_error_in_one_batch_is_raised_and_the_batches_not_started_are_dropped(tiny_model_dir):
+    clf = Classifier.from_pretrained(tiny_model_dir, batch_size=1, concurrent_batches=2)
+    calls = []
+
+    def failing_forward_batch(ids, rows, length):
+        calls.append(length)
+        time.sleep(0.02)
+        if len(calls) == 2:
+            raise RuntimeError("batch 2 failed")
+        return np.zeros((rows, 2), np.float32)
+
+    clf.forward_batch = failing_forward_batch
+    with pytest.raises(RuntimeError, match="batch 2 failed"):
+        clf.logits(["film"] * 40)
+    assert len(calls) < 10
+
+
+def test_bad_concurrent_batches_is_one_line(tiny_model_dir):
+    from flaxsst.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="concurrent_batches=0 must be at least 1"):
+        Classifier.from_pretrained(tiny_model_dir, concurrent_batches=0)
 
 
 def test_bfloat16_logits_follow_pytorch_autocast(tiny_model_dir):
