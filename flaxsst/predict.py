@@ -254,7 +254,7 @@ def main(args: argparse.Namespace) -> int:
     with stream, sigterm_as_ctrl_c():
         total = count_lines(args.input) if args.input else None
         clf = Classifier.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size,
-                                         max_length=args.max_length, key="--model")
+                                         max_length=args.max_length, length_step=args.length_step, key="--model")
         predict_stream(clf, stream, source, args.format, args.output, total)
     return cli.EXIT_OK
 
@@ -275,6 +275,9 @@ def parser() -> cli.ArgumentParser:
                         "one text per line, json for a JSON request")
     p.add_argument("--batch-size", type=int, default=None, help="texts per batch (default: 24 on a CPU, 128 elsewhere)")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--length-step", type=int, default=None,
+                   help="pad batches to multiples of this many tokens: fewer programs to compile (default: the "
+                        "backend's lengths, flaxsst.batching)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     return p
 

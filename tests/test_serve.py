@@ -22,7 +22,7 @@ MAX_LENGTH = 16
 
 @pytest.fixture(scope="module")
 def clf(tiny_model_dir):
-    return Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=MAX_LENGTH)
+    return Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=MAX_LENGTH, length_step=4)
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def azmlinfsrv(tiny_model_dir, tmp_path_factory):
     os.symlink(tiny_model_dir, mount / "sst2-model")
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", GUNICORN_CMD_ARGS="--threads 8", FLAXSST_MAX_LENGTH="16",
-               FLAXSST_BATCH_SIZE="4", FLAXSST_MAX_BATCH_DELAY_MS="5", FLAXSST_MAX_TEXTS="50",
+               FLAXSST_BATCH_SIZE="4", FLAXSST_LENGTH_STEP="4", FLAXSST_MAX_BATCH_DELAY_MS="5", FLAXSST_MAX_TEXTS="50",
                PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     log = open(mount / "server.log", "w+")
     process = subprocess.Popen([python, "-c", LOOPBACK_AZMLINFSRV, "--entry_script", flaxsst.serve.azureml_score.__file__,

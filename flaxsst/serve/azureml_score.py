@@ -11,7 +11,7 @@ worker with threads (each worker process would hold its own model and compile on
         --entry_script "$(python -c 'import flaxsst.serve.azureml_score as s; print(s.__file__)')"
 
 Settings from the environment (their ``flaxsst.serve`` flags' defaults): ``FLAXSST_MAX_LENGTH``,
-``FLAXSST_BATCH_SIZE``, ``FLAXSST_DTYPE``, ``FLAXSST_MAX_BATCH_TEXTS``, ``FLAXSST_MAX_BATCH_TOKENS``,
+``FLAXSST_BATCH_SIZE``, ``FLAXSST_LENGTH_STEP``, ``FLAXSST_DTYPE``, ``FLAXSST_MAX_BATCH_TEXTS``, ``FLAXSST_MAX_BATCH_TOKENS``,
 ``FLAXSST_MAX_BATCH_DELAY_MS``, ``FLAXSST_MAX_QUEUE``, ``FLAXSST_MAX_TEXTS``, ``FLAXSST_TIMEOUT_MS``.
 A request the client got wrong is a JSON error ``{"error", "error_type"}`` with its 4xx status
 (the same words as ``flaxsst.serve``'s), never the server's 500.
@@ -62,6 +62,7 @@ def init() -> None:
     classifier = Classifier.from_pretrained(model_folder(os.environ["AZUREML_MODEL_DIR"]),
                                             dtype=os.environ.get("FLAXSST_DTYPE", "float32"),
                                             batch_size=env_number("FLAXSST_BATCH_SIZE", None),
+                                            length_step=env_number("FLAXSST_LENGTH_STEP", None),
                                             max_length=env_number("FLAXSST_MAX_LENGTH", 128), key="AZUREML_MODEL_DIR")
     defaults = CPU_DEFAULTS if jax.default_backend() == "cpu" else ACCELERATOR_DEFAULTS
     settings.update(max_texts=env_number("FLAXSST_MAX_TEXTS", 1024),

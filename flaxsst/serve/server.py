@@ -128,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
     from flaxsst.serve.batcher import Batcher
 
     clf = Classifier.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size,
-                                     max_length=args.max_length, key="--model")
+                                     max_length=args.max_length, length_step=args.length_step, key="--model")
     defaults = CPU_DEFAULTS if jax.default_backend() == "cpu" else ACCELERATOR_DEFAULTS
     max_batch_texts = args.max_batch_texts or defaults["batches_per_call"] * clf.batch_size
     max_batch_tokens = args.max_batch_tokens or defaults["max_batch_tokens"]
@@ -158,10 +158,13 @@ def parser() -> cli.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port, printed at start)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.add_argument("--batch-size", type=positive(int), default=None,
-                   help="rows of the largest compiled batch (default: the backend's, 32 on a CPU, 128 elsewhere)")
+                   help="rows of the largest compiled batch (default: the backend's, 24 on a CPU, 128 elsewhere)")
     p.add_argument("--max-length", type=positive(int), default=128, help="tokens a text is cut to")
+    p.add_argument("--length-step", type=positive(int), default=None,
+                   help="pad batches to multiples of this many tokens: fewer programs, a shorter warm-up (default: "
+                        "the backend's lengths, flaxsst.batching)")
     p.add_argument("--max-batch-texts", type=positive(int), default=None,
-                   help="texts in one shared batch (default: 4 x --batch-size on a CPU, --batch-size elsewhere)")
+                   help="texts in one shared batch (default: 5 x --batch-size on a CPU, --batch-size elsewhere)")
     p.add_argument("--max-batch-tokens", type=positive(int), default=None,
                    help="tokens in one shared batch (default: 4096 on a CPU, 16384 elsewhere)")
     p.add_argument("--max-batch-delay-ms", type=non_negative_float, default=None,
