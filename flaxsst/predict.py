@@ -43,6 +43,12 @@ from flaxsst.tokenizer import Tokenizer, pad_right
 # An accelerator queues its launches already.
 CPU_CONCURRENT_BATCHES = 2
 
+# A float32 CPU batch of at most this many tokens (rows x length: one sentence, the endpoint's case)
+# runs its dots as XLA's own dot kernels instead of YNNPACK fusions: 9-18% faster on 10-22 tokens,
+# slower from 24 (bench/RESULTS.md). The option leaves XLA's YNNPACK fusion list empty.
+CPU_SMALL_BATCH_TOKENS = 22
+CPU_PLAIN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
 
 def validate_texts(texts: Any) -> list[str]:
     """A string is a list of one; every item must be a string (``TypeError`` names the first that is
@@ -108,7 +114,9 @@ class Classifier:
         precision = Precision(dtype, float32_accumulation=backend == "cpu")
         self.params = jax.device_put(inference_params(params, precision.dtype))
         self.model = model or DistilBertForSequenceClassification(config, precision)
-        self.forward = jax.jit(lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, deterministic=True))
+        apply = lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, deterministic=True)  # noqa: E731
+        self.forward = jax.jit(apply)
+        self.small_forward = plain_dot_forward(apply) if backend == "cpu" and precision.dtype == jnp.float32 else None
 
     @classmethod
     def from_pretrained(
@@ -178,7 +186,8 @@ class Classifier:
         """The one place a batch goes to the device: token ids padded to ``rows`` x ``length`` ->
         logits ``[rows, num_labels]`` (not yet fetched)."""
         input_ids, mask = pad_right(ids, rows, length, self.tokenizer.pad_id)
-        return self.forward(self.params, input_ids, mask)
+        small = self.small_forward is not None and rows * length <= CPU_SMALL_BATCH_TOKENS
+        return (self.small_forward if small else self.forward)(self.params, input_ids, mask)
 
     def program_shapes(self) -> list[tuple[int, int]]:
         """Every ``(rows, length)`` a batch of ``logits`` can take: the programs it compiles."""
@@ -204,6 +213,17 @@ class Classifier:
     def __call__(self, texts: Sequence[str] | str, progress: bool | None = None) -> list[dict[str, Any]]:
         """``[{"label": "POSITIVE", "score": 0.9998}, ...]``, one per text, in input order."""
         return self.predictions(self.logits(texts, progress))
+
+
+def plain_dot_forward(apply):
+    """``apply`` jitted with ``CPU_PLAIN_DOTS``, or None where this jaxlib has no such option (it
+    predates YNNPACK, and its dots are XLA's own already)."""
+    try:
+        jax.jit(jnp.matmul, compiler_options=CPU_PLAIN_DOTS).lower(np.ones((2, 2), np.float32),
+                                                                   np.ones((2, 2), np.float32)).compile()
+    except (jax.errors.JaxRuntimeError, TypeError):
+        return None
+    return jax.jit(apply, compiler_options=CPU_PLAIN_DOTS)
 
 
 def inference_params(params: dict, dtype: Any) -> dict:

@@ -56,15 +56,36 @@ def test_repeated_calls_reuse_a_few_compiled_shapes(tiny_model_dir):
     # on a CPU: lengths 2, 3, ..., 16, 18, ..., 32, 36, ..., 64 and row counts 1, 2, 4, 8, compiled only
     # as calls need them
     assert len(clf.program_shapes()) == (15 + 8 + 8) * 4
-    assert clf.forward._cache_size() <= len(clf.program_shapes())
+    assert compiled(clf) <= len(clf.program_shapes())
 
 
 def test_warm_up_compiles_every_program_so_later_calls_compile_nothing(tiny_model_dir):
     clf = Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=16, length_step=4)
     assert clf.warm_up() == len(clf.program_shapes()) == 4 * 3  # lengths 4, 8, 12, 16 x rows 1, 2, 4
-    compiled = clf.forward._cache_size()
+    before = compiled(clf)
     clf([" ".join(["film"] * n) for n in range(20)])
-    assert clf.forward._cache_size() == compiled
+    assert compiled(clf) == before
+
+
+def compiled(clf: Classifier) -> int:
+    """Programs compiled so far, of both of Classifier's jitted forwards."""
+    return clf.forward._cache_size() + (clf.small_forward._cache_size() if clf.small_forward else 0)
+
+
+def test_a_small_cpu_batch_runs_xla_dots_and_gives_the_transformers_logits(tiny_model_dir):
+    clf = Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=64)
+    if clf.small_forward is None:
+        pytest.skip("this jaxlib has no YNNPACK fusion option: every CPU program uses the same dots")
+    model = transformers.DistilBertForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["a fine film", "dull", " ".join(["film"] * 30)]
+    with torch.no_grad():
+        expected = np.concatenate([model(**tok([t], return_tensors="pt")).logits.numpy() for t in texts])
+    short = clf.logits(texts[:2])  # one batch: 2 rows x 5 tokens, at most CPU_SMALL_BATCH_TOKENS
+    assert (clf.small_forward._cache_size(), clf.forward._cache_size()) == (1, 0)
+    np.testing.assert_allclose(short, expected[:2], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(clf.logits(texts[2:]), expected[2:], atol=1e-5, rtol=0)  # 32 tokens
+    assert (clf.small_forward._cache_size(), clf.forward._cache_size()) == (1, 1)
 
 
 def test_concurrent_batches_give_each_text_its_own_logits_in_input_order(tiny_model_dir):
