@@ -281,6 +281,8 @@ def main() -> None:
         "one_sentence_fastest_peer": one_peer,
         "one_sentence_flaxsst_fp32_vs_it": round(latency["flaxsst_fp32"]["median_ms"] / latency[one_peer]["median_ms"], 2),
     })
+    if args.png:
+        plot(records, args.png)
 
 
 if __name__ == "__main__":
