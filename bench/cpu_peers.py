@@ -8,10 +8,13 @@ Peers: PyTorch fp32, PyTorch bf16 autocast (oneDNN), ONNX Runtime fp32 (plain, a
 length, batches padded to their own longest, at each of ``--peer-batch-sizes`` (its best counts; the
 default includes flaxsst's own CPU batch size);
 flaxsst runs as a user calls it (``Classifier.logits(texts)``, tokenization included). The same random
-DistilBERT-base weights for all, ``--threads`` threads each. Also the one-sentence latency (median and
-p99 of ``--latency-calls`` calls) and a fresh process's first prediction, with an empty compilation
-cache and with a warm one. The timed runs take turns, one of each runner a round for ``--repeats``
-rounds, so a change in the machine's load falls on every runner alike; each runner's best counts.
+DistilBERT-base weights for all, ``--threads`` threads each. Also latency, one text a call, text in
+and logits out (a peer's call tokenizes with the same ``tokenizers`` WordPiece as flaxsst's): one
+fixed sentence (median and p99 of ``--latency-calls`` calls), and every one of the texts in turn, the
+endpoint's traffic (median, p99, mean, and the median by token count); and a fresh process's first
+prediction, with an empty compilation cache and with a warm one. The timed runs take turns, one of
+each runner a round, so a change in the machine's load falls on every runner alike: ``--repeats``
+rounds of the texts (each runner's best counts), ``--latency-rounds`` of each latency (all calls count).
 Prints JSON lines; the last, ``summary``, has the ratios.
 
     python -m bench.cpu_peers --plot-from RESULTS.jsonl --png OUT.png     # the chart of a saved run
@@ -83,15 +86,34 @@ def best_seconds_in_turns(runs: dict, rounds: int) -> dict:
     return {name: min(seconds) for name, seconds in times.items()}
 
 
-def latency_ms(fn, calls: int) -> dict:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"median_ms": round(1000 * float(np.median(times)), 2), "p99_ms": round(1000 * float(np.percentile(times, 99)), 2)}
+def latency_in_turns(runs: dict, texts: list[str], rounds: int) -> dict:
+    """Each of ``runs`` (one text -> logits) called on every one of ``texts`` in a round, runners in turns,
+    ``rounds`` times, after one untimed pass each (it compiles what it needs): every call's seconds."""
+    for fn in runs.values():
+        for text in texts:
+            fn(text)
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            for text in texts:
+                start = time.perf_counter()
+                fn(text)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def latency_figures(seconds: list[float]) -> dict:
+    ms = 1000 * np.asarray(seconds)
+    return {"median_ms": round(float(np.median(ms)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "mean_ms": round(float(np.mean(ms)), 2)}
+
+
+def by_tokens(seconds: list[float], tokens: list[int], width: int = 8) -> dict:
+    """Median milliseconds of the calls whose text has ``tokens`` in each bucket ``[k*width, (k+1)*width)``,
+    keyed by the bucket's first count: ``seconds`` holds whole rounds over the texts, in order."""
+    counts = np.resize(np.asarray(tokens) // width * width, len(seconds))
+    ms = 1000 * np.asarray(seconds)
+    return {int(b): round(float(np.median(ms[counts == b])), 2) for b in np.unique(counts)}
 
 
 COLD_START = """
@@ -116,7 +138,8 @@ def cold_start(model_dir: str, cache_dir: str) -> dict:
 
 
 def plot(records: list[dict], path: str) -> None:
-    """Two bar charts of a run: seconds for the texts per runner, and one sentence's median latency."""
+    """Bar charts of a run: seconds for the texts per runner, and one sentence's median latency; and,
+    where the run has it, each runner's median latency by token count over the texts one at a time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,9 +148,11 @@ def plot(records: list[dict], path: str) -> None:
     meta = next(r for r in records if r["what"] == "meta")
     texts = sorted((r for r in records if r["what"] == "texts"), key=lambda r: r["seconds"])
     single = sorted((r for r in records if r["what"] == "one_sentence"), key=lambda r: r["median_ms"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
-    for axis, rows, key, label in ((left, texts, "seconds", f"seconds for {meta['texts']} SST-2 dev sentences"),
-                                   (right, single, "median_ms", "one sentence, median ms")):
+    traffic = sorted((r for r in records if r["what"] == "one_at_a_time"), key=lambda r: r["median_ms"])
+    ratios = [3, 2, 3] if traffic else [3, 2]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(6 * len(ratios), 4.8), gridspec_kw={"width_ratios": ratios})
+    for axis, rows, key, label in ((axes[0], texts, "seconds", f"seconds for {meta['texts']} SST-2 dev sentences"),
+                                   (axes[1], single, "median_ms", "one sentence, median ms")):
         names = [r["runner"] for r in rows]
         colors = ["tab:orange" if n.startswith("flaxsst") else "tab:gray" for n in names]
         axis.barh(names, [r[key] for r in rows], color=colors)
@@ -135,6 +160,17 @@ def plot(records: list[dict], path: str) -> None:
         axis.set_xlabel(label + " (lower is better)")
         for y, r in enumerate(rows):
             axis.text(r[key], y, f" {r[key]:g}", va="center", fontsize=8)
+    if traffic:
+        axis = axes[2]
+        for r in traffic:
+            buckets = sorted(r["median_ms_by_tokens"].items(), key=lambda item: int(item[0]))
+            axis.plot([int(b) for b, _ in buckets], [ms for _, ms in buckets], marker="o", markersize=3,
+                      label=f"{r['runner']} (median {r['median_ms']:g})",
+                      linewidth=2.2 if r["runner"].startswith("flaxsst") else 1.2)
+        axis.set_xlabel(f"tokens (buckets of 8), each of the {traffic[0]['texts']} sentences a call")
+        axis.set_ylabel("median ms (lower is better)")
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
     fig.suptitle(f"CPU inference, DistilBERT-base, {meta['date']}: {meta['cpu']}, {meta['threads']} threads "
                  f"(runner@N: a peer batched N at a time, sorted, padded to each batch's longest)", fontsize=9)
     fig.tight_layout()
@@ -150,7 +186,8 @@ def main() -> None:
     parser.add_argument("--peer-batch-sizes", type=int, nargs="+", default=[128, 32, 24])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds, every runner once a round")
-    parser.add_argument("--latency-calls", type=int, default=200)
+    parser.add_argument("--latency-calls", type=int, default=200, help="calls on the fixed sentence, all rounds together")
+    parser.add_argument("--latency-rounds", type=int, default=2, help="rounds of each latency, every runner once a round")
     parser.add_argument("--skip-cold-start", action="store_true")
     args = parser.parse_args()
     if args.plot_from:
@@ -169,6 +206,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import onnxruntime as ort
+    import tokenizers
     import torch
     import transformers
 
@@ -250,14 +288,31 @@ def main() -> None:
               "max_abs_logit_diff_vs_torch_fp32": float(np.abs(got - truth).max()),
               "label_agreement_vs_torch_fp32": float(np.mean(got.argmax(1) == truth.argmax(1)))})
 
-    one = np.asarray(one_ids, np.int64)
-    one_mask = np.ones_like(one)
-    single = {"flaxsst_fp32": lambda: flax_fp32.logits([ONE_SENTENCE]), "flaxsst_bf16": lambda: flax_bf16.logits([ONE_SENTENCE]),
-              **{name: (lambda fn=fn: fn(one, one_mask)) for name, fn in peers.items()}}
+    wordpiece = tokenizers.Tokenizer.from_file(f"{work}/tokenizer.json")  # what a careful peer user tokenizes with
+
+    def peer_text_fn(fn):
+        def run(text):
+            input_ids = np.asarray([wordpiece.encode(text).ids], np.int64)
+            return fn(input_ids, np.ones_like(input_ids))
+        return run
+
+    single = {"flaxsst_fp32": lambda text: flax_fp32.logits([text]), "flaxsst_bf16": lambda text: flax_bf16.logits([text]),
+              **{name: peer_text_fn(fn) for name, fn in peers.items()}}
+    if [wordpiece.encode(text).ids for text in texts] != ids:
+        raise SystemExit(f"{work}/tokenizer.json does not give the peers flaxsst's token ids")
+    calls_per_round = max(1, args.latency_calls // args.latency_rounds)
+    fixed = latency_in_turns(single, [ONE_SENTENCE] * calls_per_round, args.latency_rounds)
     latency = {}
-    for name, fn in single.items():
-        latency[name] = latency_ms(fn, args.latency_calls)
-        emit({"what": "one_sentence", "runner": name, "tokens": one.shape[1], **latency[name]})
+    for name, seconds_of_calls in fixed.items():
+        latency[name] = latency_figures(seconds_of_calls)
+        emit({"what": "one_sentence", "runner": name, "tokens": len(one_ids[0]), **latency[name]})
+    token_counts = [len(seq) for seq in ids]
+    traffic = latency_in_turns(single, texts, args.latency_rounds)
+    one_at_a_time = {}
+    for name, seconds_of_calls in traffic.items():
+        one_at_a_time[name] = latency_figures(seconds_of_calls)
+        emit({"what": "one_at_a_time", "runner": name, "texts": len(texts), "calls": len(seconds_of_calls),
+              **one_at_a_time[name], "median_ms_by_tokens": by_tokens(seconds_of_calls, token_counts)})
 
     if not args.skip_cold_start:
         cache = tempfile.mkdtemp(prefix="cpu_peers_cache_")
@@ -272,6 +327,7 @@ def main() -> None:
     fp32_peer, fp32_peer_s = fastest(("torch_fp32", "ort_fp32", "ort_fused_fp32"))
     bf16_peer, bf16_peer_s = fastest(("torch_bf16",))
     one_peer = min(("ort_fp32", "ort_fused_fp32", "torch_fp32"), key=lambda k: latency[k]["median_ms"])
+    traffic_peer = min(("ort_fp32", "ort_fused_fp32", "torch_fp32"), key=lambda k: one_at_a_time[k]["median_ms"])
     emit({
         "what": "summary",
         "fastest_fp32_peer": fp32_peer, "flaxsst_fp32_time_vs_it": round(seconds["flaxsst_fp32"] / fp32_peer_s, 2),
@@ -280,6 +336,11 @@ def main() -> None:
         "flaxsst_bf16_vs_fp32_max_abs_logit_diff": float(np.abs(flax_bf16.logits(texts) - flax_fp32.logits(texts)).max()),
         "one_sentence_fastest_peer": one_peer,
         "one_sentence_flaxsst_fp32_vs_it": round(latency["flaxsst_fp32"]["median_ms"] / latency[one_peer]["median_ms"], 2),
+        "one_at_a_time_fastest_peer": traffic_peer,
+        "one_at_a_time_flaxsst_fp32_median_vs_it": round(
+            one_at_a_time["flaxsst_fp32"]["median_ms"] / one_at_a_time[traffic_peer]["median_ms"], 2),
+        "one_at_a_time_flaxsst_fp32_mean_vs_it": round(
+            one_at_a_time["flaxsst_fp32"]["mean_ms"] / one_at_a_time[traffic_peer]["mean_ms"], 2),
     })
     if args.png:
         plot(records, args.png)
