@@ -311,8 +311,10 @@ def main() -> None:
     one_at_a_time = {}
     for name, seconds_of_calls in traffic.items():
         one_at_a_time[name] = latency_figures(seconds_of_calls)
+        one_by_one = np.concatenate([single[name](text) for text in texts])  # untimed: the logits of one-text calls
         emit({"what": "one_at_a_time", "runner": name, "texts": len(texts), "calls": len(seconds_of_calls),
-              **one_at_a_time[name], "median_ms_by_tokens": by_tokens(seconds_of_calls, token_counts)})
+              **one_at_a_time[name], "median_ms_by_tokens": by_tokens(seconds_of_calls, token_counts),
+              "max_abs_logit_diff_vs_torch_fp32": float(np.abs(one_by_one - truth).max())})
 
     if not args.skip_cold_start:
         cache = tempfile.mkdtemp(prefix="cpu_peers_cache_")

@@ -30,6 +30,7 @@ from flaxsst.attention import attention as tpu_attention
 from flaxsst.attention import supported as tpu_attention_supported
 from flaxsst.config import ATTENTION_CHOICES, ATTENTION_KINDS, ModelConfig, parse_dtype
 from flaxsst.errors import ConfigError
+from flaxsst.packed_dot import packed_dot_general, packs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +43,17 @@ class Precision:
     ``float32_accumulation``: in a dtype below float32, every matmul returns float32, adds its bias
     there and rounds once to ``dtype`` (as oneDNN's bf16 matmuls do under PyTorch autocast). XLA:CPU
     runs such a dot on its fast bf16 kernels (avx512_bf16), 1.7x a dot that returns bf16
-    (bench/RESULTS.md, CPU); ``Classifier`` turns it on for a CPU."""
+    (bench/RESULTS.md, CPU); ``Classifier`` turns it on for a CPU.
+
+    ``packed_lanes``: float32 on a CPU, every dense layer whose outputs are a multiple of it runs
+    ``flaxsst.packed_dot`` over a kernel packed in panels of that many columns (``pack_params``);
+    0, XLA's dots."""
 
     dtype: Any = jnp.float32
     residual_dtype: Any = None
     attention: str = "auto"
     float32_accumulation: bool = False
+    packed_lanes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -55,6 +61,8 @@ class Precision:
             object.__setattr__(self, "residual_dtype", parse_dtype(self.residual_dtype))
         if self.attention not in ATTENTION_KINDS:
             raise ConfigError(f"attention={self.attention!r}; expected {ATTENTION_CHOICES}")
+        if self.packed_lanes and self.dtype != jnp.dtype(jnp.float32):
+            raise ConfigError(f"packed_lanes={self.packed_lanes} runs float32 dots; dtype is {self.dtype}")
 
     @property
     def layer_norm_dtype(self) -> Any:
@@ -90,6 +98,9 @@ def _float32_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_
 def _dense(config: ModelConfig, precision: Precision, features: int, name: str):
     """``nn.Dense`` named ``name``; with ``float32_accumulation``, its float32 result rounded once to dtype."""
     accumulate = _accumulates_in_float32(precision)
+    if packs(features, precision.packed_lanes):
+        return nn.Dense(features, dtype=jnp.float32, kernel_init=nn.initializers.normal(config.initializer_range),
+                        dot_general=packed_dot_general, name=name)
     dense = nn.Dense(features, dtype=precision.dtype, kernel_init=nn.initializers.normal(config.initializer_range),
                      dot_general=_float32_dot if accumulate else None, name=name)
     if not accumulate:

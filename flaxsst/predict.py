@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flaxsst import cli
+from flaxsst import cli, packed_dot
 from flaxsst.batching import BatchShapes
 from flaxsst.config import ModelConfig
 from flaxsst.errors import ConfigError, DataError
@@ -43,9 +44,13 @@ from flaxsst.tokenizer import Tokenizer, pad_right
 # An accelerator queues its launches already.
 CPU_CONCURRENT_BATCHES = 2
 
-# A float32 CPU batch of at most this many tokens (rows x length: one sentence, the endpoint's case)
-# runs its dots as XLA's own dot kernels instead of YNNPACK fusions: 9-18% faster on 10-22 tokens,
-# slower from 24 (bench/RESULTS.md). The option leaves XLA's YNNPACK fusion list empty.
+# A float32 CPU batch of at most this many tokens (rows x length: one text up to 128 tokens, the
+# endpoint's case) runs its dense layers as flaxsst.packed_dot over a packed copy of the kernels:
+# 0.70-0.76x the time of XLA's dots at 8-24 tokens, even at 128, slower from 192 (bench/RESULTS.md).
+CPU_PACKED_BATCH_TOKENS = 128
+# Where the packed dots cannot run (flaxsst.packed_dot.load), a float32 CPU batch of at most this many
+# tokens runs XLA's own dot kernels instead of YNNPACK fusions: 9-18% faster on 10-22 tokens, slower
+# from 24 (bench/RESULTS.md). The option leaves XLA's YNNPACK fusion list empty.
 CPU_SMALL_BATCH_TOKENS = 22
 CPU_PLAIN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
@@ -116,7 +121,17 @@ class Classifier:
         self.model = model or DistilBertForSequenceClassification(config, precision)
         apply = lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, deterministic=True)  # noqa: E731
         self.forward = jax.jit(apply)
-        self.small_forward = plain_dot_forward(apply) if backend == "cpu" and precision.dtype == jnp.float32 else None
+        # small float32 CPU batches: the packed dots (a second, packed copy of the dense kernels), else XLA's dots
+        self.small_forward, self.small_params, self.small_tokens = None, self.params, 0
+        if backend == "cpu" and precision.dtype == jnp.float32:
+            lanes = packed_dot.load() if model is None else None
+            if lanes:
+                packed = DistilBertForSequenceClassification(config, dataclasses.replace(precision, packed_lanes=lanes))
+                self.small_forward = jax.jit(lambda p, ids, mask: packed.apply({"params": p}, ids, mask, deterministic=True))
+                self.small_params = jax.device_put(packed_dot.pack_params(self.params, lanes))
+                self.small_tokens = CPU_PACKED_BATCH_TOKENS
+            else:
+                self.small_forward, self.small_tokens = plain_dot_forward(apply), CPU_SMALL_BATCH_TOKENS
 
     @classmethod
     def from_pretrained(
@@ -186,8 +201,9 @@ class Classifier:
         """The one place a batch goes to the device: token ids padded to ``rows`` x ``length`` ->
         logits ``[rows, num_labels]`` (not yet fetched)."""
         input_ids, mask = pad_right(ids, rows, length, self.tokenizer.pad_id)
-        small = self.small_forward is not None and rows * length <= CPU_SMALL_BATCH_TOKENS
-        return (self.small_forward if small else self.forward)(self.params, input_ids, mask)
+        if self.small_forward is not None and rows * length <= self.small_tokens:
+            return self.small_forward(self.small_params, input_ids, mask)
+        return self.forward(self.params, input_ids, mask)
 
     def program_shapes(self) -> list[tuple[int, int]]:
         """Every ``(rows, length)`` a batch of ``logits`` can take: the programs it compiles."""

@@ -1,0 +1,131 @@
+"""float32 CPU dots over weights packed in column panels: ``kernels/packed_dot.cc``, an XLA FFI custom call.
+
+For the few rows of an endpoint's one-text batch, a dense layer's time is its weights' bytes streaming
+from memory. XLA's and YNNPACK's dots read a ``[K, N]`` kernel as rows of ``N``; the packed kernel reads
+each panel of ``lanes`` columns (16 with AVX-512, 8 with AVX2) as one contiguous run, every row of the
+input consuming it on the way: 0.70-0.76x XLA's time on the 36 dots of DistilBERT at 8-24 rows, about
+even from 128 rows, slower from 192 (bench/RESULTS.md). The source is compiled once per machine and
+jaxlib, with this CPU's instruction set (``c++ -O3 -march=native``), into ``kernel_dir()``; where there
+is no compiler, no AVX2 and FMA, or ``FLAXSST_PACKED_DOT=0``, ``load()`` returns None and callers keep
+XLA's dots.
+
+A packed kernel keeps its ``[K, N]`` shape (the parameter tree is unchanged); only the order of its
+floats differs: ``pack(w)[k', n']`` for the flat index ``p*K*lanes + k*lanes + j`` holds ``w[k, p*lanes + j]``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxsst.paths import cache_home
+
+TARGET = "flaxsst_packed_dot"
+SOURCE = Path(__file__).with_name("kernels") / "packed_dot.cc"
+
+log = logging.getLogger(__name__)
+
+
+def kernel_dir() -> Path:
+    """Where the compiled kernel lives: ``FLAXSST_KERNEL_DIR``, else ``~/.cache/flaxsst/kernels``."""
+    return Path(os.environ.get("FLAXSST_KERNEL_DIR") or cache_home() / "kernels")
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def load() -> int | None:
+    """Compile (once per machine) and register the packed dot; its lanes, or None where it cannot run here."""
+    if os.environ.get("FLAXSST_PACKED_DOT", "1") == "0":
+        return None
+    flags = cpu_flags().split()
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= set(flags):
+        log.info("packed dots need an x86-64 CPU with AVX2 and FMA; using XLA's dots")
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not compiler:
+        log.info("no C++ compiler (c++, g++, clang++ or $CXX) for the packed dots; using XLA's dots")
+        return None
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, include, jax.__version__, " ".join(sorted(flags))])
+                         .encode()).hexdigest()[:16]
+    library = kernel_dir() / f"packed_dot-{key}.so"
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # complete or absent: no half-written .so
+                built = Path(scratch) / library.name
+                subprocess.run([compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+                                f"-I{include}", str(SOURCE), "-o", str(built)],
+                               check=True, capture_output=True, text=True, timeout=300)
+                os.replace(built, library)
+        lib = ctypes.cdll.LoadLibrary(str(library))
+        lanes = int(lib.flaxsst_packed_dot_lanes())
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.flaxsst_packed_dot), platform="cpu")
+    except subprocess.CalledProcessError as e:
+        last = (e.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
+        log.warning("compiling %s failed (%s); using XLA's dots", SOURCE, last[0])
+        return None
+    except (OSError, subprocess.TimeoutExpired, AttributeError) as e:
+        log.warning("the packed dots could not be loaded from %s (%s); using XLA's dots", library, e)
+        return None
+    return lanes
+
+
+def pack(kernel: Any, lanes: int) -> np.ndarray:
+    """``kernel`` ``[K, N]`` float32 with its floats in panel order (``N`` a multiple of ``lanes``)."""
+    kernel = np.asarray(kernel, np.float32)
+    k, n = kernel.shape
+    if n % lanes:
+        raise ValueError(f"a packed kernel needs N a multiple of {lanes}; got shape {kernel.shape}")
+    return np.ascontiguousarray(kernel.reshape(k, n // lanes, lanes).transpose(1, 0, 2)).reshape(k, n)
+
+
+def packs(features: int, lanes: int) -> bool:
+    """Whether a dense layer of ``features`` outputs runs packed."""
+    return lanes > 0 and features % lanes == 0
+
+
+def pack_params(params: dict, lanes: int) -> dict:
+    """``params`` with every dense kernel whose outputs ``packs`` in panel order (the model built with
+    ``Precision(packed_lanes=lanes)`` reads them so); everything else as it is."""
+
+    def visit(tree):
+        if isinstance(tree, dict):
+            if set(tree) >= {"kernel", "bias"} and np.ndim(tree["kernel"]) == 2 and packs(np.shape(tree["kernel"])[1], lanes):
+                return {**tree, "kernel": jnp.asarray(pack(tree["kernel"], lanes))}
+            return {name: visit(child) for name, child in tree.items()}
+        return tree
+
+    return visit(params)
+
+
+def packed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """``nn.Dense``'s ``dot_general`` over a packed ``rhs``: ``lhs [..., K] @ rhs [K, N]`` in float32."""
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    if tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or any(batch) or rhs.ndim != 2:
+        raise ValueError(f"packed_dot_general takes x [..., K] @ W [K, N]; got dimension numbers {dimension_numbers}")
+    out = jax.ShapeDtypeStruct(lhs.shape[:-1] + rhs.shape[1:], jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(lhs.astype(jnp.float32), rhs.astype(jnp.float32))
