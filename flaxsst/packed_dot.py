@@ -5,7 +5,8 @@ from memory. XLA's and YNNPACK's dots read a ``[K, N]`` kernel as rows of ``N``;
 each panel of ``lanes`` columns (16 with AVX-512, 8 with AVX2) as one contiguous run, every row of the
 input consuming it on the way: 0.70-0.76x XLA's time on the 36 dots of DistilBERT at 8-24 rows, about
 even from 128 rows, slower from 192 (bench/RESULTS.md). The source is compiled once per machine and
-jaxlib, with this CPU's instruction set (``c++ -O3 -march=native``), into ``kernel_dir()``; where there
+jaxlib, with this CPU's instruction set (``c++ -O3 -march=native``; ``FLAXSST_PACKED_DOT_MARCH`` names
+another, as ``haswell`` for the AVX2 kernel), into ``kernel_dir()``; where there
 is no compiler, no AVX2 and FMA, or ``FLAXSST_PACKED_DOT=0``, ``load()`` returns None and callers keep
 XLA's dots.
 
@@ -69,15 +70,16 @@ def load() -> int | None:
         log.info("no C++ compiler (c++, g++, clang++ or $CXX) for the packed dots; using XLA's dots")
         return None
     include = jax.ffi.include_dir()
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, include, jax.__version__, " ".join(sorted(flags))])
-                         .encode()).hexdigest()[:16]
+    march = os.environ.get("FLAXSST_PACKED_DOT_MARCH", "native")
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, march, include, jax.__version__,
+                                    " ".join(sorted(flags))]).encode()).hexdigest()[:16]
     library = kernel_dir() / f"packed_dot-{key}.so"
     try:
         if not library.exists():
             library.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # complete or absent: no half-written .so
                 built = Path(scratch) / library.name
-                subprocess.run([compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+                subprocess.run([compiler, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w",
                                 f"-I{include}", str(SOURCE), "-o", str(built)],
                                check=True, capture_output=True, text=True, timeout=300)
                 os.replace(built, library)
@@ -95,17 +97,17 @@ def load() -> int | None:
 
 
 def pack(kernel: Any, lanes: int) -> np.ndarray:
-    """``kernel`` ``[K, N]`` float32 with its floats in panel order (``N`` a multiple of ``lanes``)."""
+    """``kernel`` ``[K, N]`` float32 with its floats in panel order (``N`` a multiple of ``2 * lanes``)."""
     kernel = np.asarray(kernel, np.float32)
     k, n = kernel.shape
-    if n % lanes:
-        raise ValueError(f"a packed kernel needs N a multiple of {lanes}; got shape {kernel.shape}")
+    if n % (2 * lanes):
+        raise ValueError(f"a packed kernel needs N a multiple of {2 * lanes} (two panels of {lanes}); got shape {kernel.shape}")
     return np.ascontiguousarray(kernel.reshape(k, n // lanes, lanes).transpose(1, 0, 2)).reshape(k, n)
 
 
 def packs(features: int, lanes: int) -> bool:
-    """Whether a dense layer of ``features`` outputs runs packed."""
-    return lanes > 0 and features % lanes == 0
+    """Whether a dense layer of ``features`` outputs runs packed: a whole number of panel pairs."""
+    return lanes > 0 and features % (2 * lanes) == 0
 
 
 def pack_params(params: dict, lanes: int) -> dict:

@@ -7,7 +7,8 @@
 Inputs are sorted by length, cut into batches, and each batch is padded to one of a fixed
 set of shapes close to what it needs (``flaxsst.batching``: on a CPU 24 texts padded by less than
 1/8 of the longest's length, with no padding rows), so repeated calls reuse compiled programs. On
-a CPU two batches run at once (``CPU_CONCURRENT_BATCHES``). Results come back in input order.
+a CPU two batches run at once (``CPU_CONCURRENT_BATCHES``), and float32 dense layers run
+``flaxsst.packed_dot``. Results come back in input order.
 
 Command line: ``python -m flaxsst.predict --model DIR_OR_HUB_ID`` reads JSON
 ``{"input_data": [...]}`` or a JSON list of texts and prints the JSON list, or one text per line
@@ -44,13 +45,9 @@ from flaxsst.tokenizer import Tokenizer, pad_right
 # An accelerator queues its launches already.
 CPU_CONCURRENT_BATCHES = 2
 
-# A float32 CPU batch of at most this many tokens (rows x length: one text up to 128 tokens, the
-# endpoint's case) runs its dense layers as flaxsst.packed_dot over a packed copy of the kernels:
-# 0.70-0.76x the time of XLA's dots at 8-24 tokens, even at 128, slower from 192 (bench/RESULTS.md).
-CPU_PACKED_BATCH_TOKENS = 128
 # Where the packed dots cannot run (flaxsst.packed_dot.load), a float32 CPU batch of at most this many
-# tokens runs XLA's own dot kernels instead of YNNPACK fusions: 9-18% faster on 10-22 tokens, slower
-# from 24 (bench/RESULTS.md). The option leaves XLA's YNNPACK fusion list empty.
+# tokens (one sentence) runs XLA's own dot kernels instead of YNNPACK fusions: 9-18% faster on 10-22
+# tokens, slower from 24 (bench/RESULTS.md). The option leaves XLA's YNNPACK fusion list empty.
 CPU_SMALL_BATCH_TOKENS = 22
 CPU_PLAIN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
@@ -117,21 +114,22 @@ class Classifier:
         self.batch_size = self.shapes.batch_size
         self.max_length = max_length
         precision = Precision(dtype, float32_accumulation=backend == "cpu")
-        self.params = jax.device_put(inference_params(params, precision.dtype))
+        params = inference_params(params, precision.dtype)
+        # float32 on a CPU: the dense layers run flaxsst.packed_dot over kernels packed for it, every batch
+        # (0.7x XLA's dots at a few rows, 0.96x YNNPACK's on the dev set, bench/RESULTS.md); where it cannot,
+        # XLA's dots for the smallest batches and YNNPACK's for the rest
+        self.packed_lanes = 0
+        if backend == "cpu" and precision.dtype == jnp.float32 and model is None:
+            self.packed_lanes = packed_dot.load() or 0
+        if self.packed_lanes:
+            precision = dataclasses.replace(precision, packed_lanes=self.packed_lanes)
+            params = packed_dot.pack_params(params, self.packed_lanes)
+        self.params = jax.device_put(params)
         self.model = model or DistilBertForSequenceClassification(config, precision)
         apply = lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, deterministic=True)  # noqa: E731
         self.forward = jax.jit(apply)
-        # small float32 CPU batches: the packed dots (a second, packed copy of the dense kernels), else XLA's dots
-        self.small_forward, self.small_params, self.small_tokens = None, self.params, 0
-        if backend == "cpu" and precision.dtype == jnp.float32:
-            lanes = packed_dot.load() if model is None else None
-            if lanes:
-                packed = DistilBertForSequenceClassification(config, dataclasses.replace(precision, packed_lanes=lanes))
-                self.small_forward = jax.jit(lambda p, ids, mask: packed.apply({"params": p}, ids, mask, deterministic=True))
-                self.small_params = jax.device_put(packed_dot.pack_params(self.params, lanes))
-                self.small_tokens = CPU_PACKED_BATCH_TOKENS
-            else:
-                self.small_forward, self.small_tokens = plain_dot_forward(apply), CPU_SMALL_BATCH_TOKENS
+        cpu_float32 = backend == "cpu" and precision.dtype == jnp.float32 and not self.packed_lanes
+        self.small_forward = plain_dot_forward(apply) if cpu_float32 else None
 
     @classmethod
     def from_pretrained(
@@ -201,9 +199,8 @@ class Classifier:
         """The one place a batch goes to the device: token ids padded to ``rows`` x ``length`` ->
         logits ``[rows, num_labels]`` (not yet fetched)."""
         input_ids, mask = pad_right(ids, rows, length, self.tokenizer.pad_id)
-        if self.small_forward is not None and rows * length <= self.small_tokens:
-            return self.small_forward(self.small_params, input_ids, mask)
-        return self.forward(self.params, input_ids, mask)
+        small = self.small_forward is not None and rows * length <= CPU_SMALL_BATCH_TOKENS
+        return (self.small_forward if small else self.forward)(self.params, input_ids, mask)
 
     def program_shapes(self) -> list[tuple[int, int]]:
         """Every ``(rows, length)`` a batch of ``logits`` can take: the programs it compiles."""

@@ -22,8 +22,8 @@ def test_pack_puts_each_panel_of_columns_in_one_contiguous_run():
     assert packed.shape == (3, 4)
     # panel 0: rows of columns 0-1, then panel 1: rows of columns 2-3
     assert packed.ravel().tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11]
-    with pytest.raises(ValueError, match="multiple of 16"):
-        packed_dot.pack(np.zeros((3, 24), np.float32), 16)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        packed_dot.pack(np.zeros((3, 48), np.float32), 16)
 
 
 def test_pack_params_packs_the_dense_kernels_whose_outputs_fit_the_panels_only():
@@ -63,16 +63,20 @@ def test_packed_dot_takes_leading_batch_axes():
 
 
 @needs_kernel
-def test_the_classifiers_small_batches_run_packed(tiny_model_dir):
+def test_a_float32_cpu_classifier_runs_every_dense_layer_packed(tiny_model_dir):
     from flaxsst import Classifier
-    from flaxsst.predict import CPU_PACKED_BATCH_TOKENS
+    from flaxsst.convert import load_pretrained
 
     clf = Classifier.from_pretrained(tiny_model_dir)
-    assert clf.small_tokens == CPU_PACKED_BATCH_TOKENS
-    kernel = clf.small_params["distilbert"]["transformer"]["layer"]["0"]["ffn"]["lin1"]["kernel"]
-    np.testing.assert_array_equal(kernel, packed_dot.pack(clf.params["distilbert"]["transformer"]["layer"]["0"]["ffn"]["lin1"]["kernel"], LANES))
-    assert "custom_call_target=\"flaxsst_packed_dot\"" in clf.small_forward.lower(
-        clf.small_params, np.ones((1, 8), np.int32), np.ones((1, 8), np.int32)).compile().as_text()
+    assert clf.packed_lanes == LANES and clf.small_forward is None
+    _, original = load_pretrained(tiny_model_dir)
+    lin1 = ["distilbert", "transformer", "layer", "0", "ffn", "lin1", "kernel"]
+    got, expected = clf.params, original
+    for key in lin1:
+        got, expected = got[key], expected[key]
+    np.testing.assert_array_equal(got, packed_dot.pack(expected, LANES))
+    hlo = clf.forward.lower(clf.params, np.ones((4, 40), np.int32), np.ones((4, 40), np.int32)).compile().as_text()
+    assert hlo.count('custom_call_target="flaxsst_packed_dot"') == 2 * 6 + 1  # q, k, v, out, lin1, lin2 in each of 2 layers; pre_classifier
 
 
 FALLBACK = """
@@ -80,7 +84,7 @@ import json, logging, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 from flaxsst import Classifier, packed_dot
 clf = Classifier.from_pretrained(sys.argv[1])
-print("lanes", packed_dot.load(), "small_tokens", clf.small_tokens)
+print("lanes", packed_dot.load(), "packed_lanes", clf.packed_lanes)
 print(json.dumps(clf.logits(["a fine film"]).tolist()))
 """
 
@@ -95,10 +99,30 @@ def test_without_the_kernel_small_batches_keep_xla_dots_and_the_same_logits(tiny
                          env=run_env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
-    assert lines[0] == "lanes None small_tokens 22"
+    assert lines[0] == "lanes None packed_lanes 0"
     if says:
         assert says in out.stderr and "using XLA's dots" in out.stderr
     assert not list((tmp_path / "kernels").glob("*.so"))
+    model = transformers.DistilBertForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        expected = model(**tok(["a fine film"], return_tensors="pt")).logits.numpy()
+    np.testing.assert_allclose(np.array(json.loads(lines[1])), expected, atol=1e-5, rtol=0)
+
+
+@needs_kernel
+def test_the_avx2_kernel_gives_the_transformers_logits(tiny_model_dir, tmp_path):
+    """Eight lanes, as on an AVX2-only CPU: the same source compiled for Haswell."""
+    import torch
+    import transformers
+
+    run_env = dict(os.environ, FLAXSST_KERNEL_DIR=str(tmp_path / "kernels"), FLAXSST_PACKED_DOT_MARCH="haswell")
+    out = subprocess.run([sys.executable, "-c", FALLBACK, str(tiny_model_dir)], capture_output=True, text=True,
+                         env=run_env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "lanes 8 packed_lanes 8"
+    assert len(list((tmp_path / "kernels").glob("packed_dot-*.so"))) == 1
     model = transformers.DistilBertForSequenceClassification.from_pretrained(tiny_model_dir).eval()
     tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
     with torch.no_grad():

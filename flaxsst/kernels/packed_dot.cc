@@ -1,7 +1,8 @@
 // y[M, N] = x[M, K] @ W for float32, W prepacked in column panels of LANES: panel p holds
-// W[:, p*LANES:(p+1)*LANES] as K contiguous rows of LANES floats. One pass streams each panel from
-// memory once while every row of x consumes it (up to 12 rows a sweep, the panel then in L2): the
-// shape of an endpoint's one-text batch, where the weights' bytes, not the FLOPs, bound the time.
+// W[:, p*LANES:(p+1)*LANES] as K contiguous rows of LANES floats. Each pair of panels streams from
+// memory once while every row of x consumes it, 6 rows a sweep (the pair then in L2). For the few rows
+// of an endpoint's one-text batch the weights' bytes bound the time, and contiguous panels stream
+// faster than a row-major [K, N]; for many rows the register blocking keeps up with the FMA units.
 // Panels are shared out in chunks between the calling thread and XLA's intra-op thread pool.
 #include <immintrin.h>
 
@@ -34,40 +35,47 @@ static inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 #error "packed_dot needs AVX2 and FMA, or AVX-512"
 #endif
 
-constexpr int kMaxRows = 12;     // accumulators a sweep: 12 vector registers, the panel's and x's besides
-constexpr int kChunkPanels = 4;  // panels a thread takes at a time
+constexpr int kMaxRows = 6;      // rows a sweep
+constexpr int kChunkPanels = 4;  // panels a thread takes at a time (an even number: pairs)
 
+// Columns a panel holds; a packed kernel's N is a multiple of twice this.
 extern "C" int flaxsst_packed_dot_lanes() { return kLanes; }
 
+// A sweep: R rows of x against two neighbouring panels, 2R accumulators (12 at R=6): each x value
+// loaded once feeds two FMAs, so the loads keep up with the FMA units at any number of rows.
 template <int R>
-static void Sweep(const float* x, int64_t k_dim, const float* panel, float* y, int64_t n_dim) {
-  Vec acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = Zero();
+static void Sweep(const float* x, int64_t k_dim, const float* panels, float* y, int64_t n_dim) {
+  const float* second = panels + k_dim * kLanes;
+  Vec acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = Zero();
   for (int64_t k = 0; k < k_dim; ++k) {
-    Vec w = Load(panel + kLanes * k);
-    _mm_prefetch(reinterpret_cast<const char*>(panel + kLanes * k + 1024), _MM_HINT_T0);
-    for (int r = 0; r < R; ++r) acc[r] = Fma(Splat(x[r * k_dim + k]), w, acc[r]);
+    Vec w0 = Load(panels + kLanes * k), w1 = Load(second + kLanes * k);
+    _mm_prefetch(reinterpret_cast<const char*>(panels + kLanes * k + 1024), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(second + kLanes * k + 1024), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) {
+      Vec xv = Splat(x[r * k_dim + k]);
+      acc0[r] = Fma(xv, w0, acc0[r]);
+      acc1[r] = Fma(xv, w1, acc1[r]);
+    }
   }
-  for (int r = 0; r < R; ++r) Store(y + r * n_dim, acc[r]);
+  for (int r = 0; r < R; ++r) {
+    Store(y + r * n_dim, acc0[r]);
+    Store(y + r * n_dim + kLanes, acc1[r]);
+  }
 }
 
-static void Panel(const float* x, int64_t m_dim, int64_t k_dim, const float* panel, float* y, int64_t n_dim) {
+// Two panels against every row of x, kMaxRows at a time (the panels stay in L2 between sweeps).
+static void PanelPair(const float* x, int64_t m_dim, int64_t k_dim, const float* panels, float* y, int64_t n_dim) {
   for (int64_t m = 0; m < m_dim; m += kMaxRows) {
     const float* xs = x + m * k_dim;
     float* ys = y + m * n_dim;
     switch (std::min<int64_t>(kMaxRows, m_dim - m)) {
-      case 1: Sweep<1>(xs, k_dim, panel, ys, n_dim); break;
-      case 2: Sweep<2>(xs, k_dim, panel, ys, n_dim); break;
-      case 3: Sweep<3>(xs, k_dim, panel, ys, n_dim); break;
-      case 4: Sweep<4>(xs, k_dim, panel, ys, n_dim); break;
-      case 5: Sweep<5>(xs, k_dim, panel, ys, n_dim); break;
-      case 6: Sweep<6>(xs, k_dim, panel, ys, n_dim); break;
-      case 7: Sweep<7>(xs, k_dim, panel, ys, n_dim); break;
-      case 8: Sweep<8>(xs, k_dim, panel, ys, n_dim); break;
-      case 9: Sweep<9>(xs, k_dim, panel, ys, n_dim); break;
-      case 10: Sweep<10>(xs, k_dim, panel, ys, n_dim); break;
-      case 11: Sweep<11>(xs, k_dim, panel, ys, n_dim); break;
-      default: Sweep<12>(xs, k_dim, panel, ys, n_dim); break;
+      case 1: Sweep<1>(xs, k_dim, panels, ys, n_dim); break;
+      case 2: Sweep<2>(xs, k_dim, panels, ys, n_dim); break;
+      case 3: Sweep<3>(xs, k_dim, panels, ys, n_dim); break;
+      case 4: Sweep<4>(xs, k_dim, panels, ys, n_dim); break;
+      case 5: Sweep<5>(xs, k_dim, panels, ys, n_dim); break;
+      default: Sweep<6>(xs, k_dim, panels, ys, n_dim); break;
     }
   }
 }
@@ -84,7 +92,7 @@ struct Work {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       int64_t first = c * kChunkPanels;
       int64_t last = std::min<int64_t>(first + kChunkPanels, n_dim / kLanes);
-      for (int64_t p = first; p < last; ++p) Panel(x, m_dim, k_dim, w + p * k_dim * kLanes, y + p * kLanes, n_dim);
+      for (int64_t p = first; p < last; p += 2) PanelPair(x, m_dim, k_dim, w + p * k_dim * kLanes, y + p * kLanes, n_dim);
       finished.fetch_add(1, std::memory_order_release);
     }
   }
@@ -94,8 +102,8 @@ static ffi::Error PackedDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
                             ffi::ResultBuffer<ffi::F32> y) {
   auto w_dims = w.dimensions();
   auto x_dims = x.dimensions();
-  if (w_dims.size() != 2 || x_dims.size() == 0 || x_dims.back() != w_dims[0] || w_dims[1] % kLanes) {
-    return ffi::Error::InvalidArgument("packed_dot: x [..., K] and packed W [K, N] with N a multiple of the lanes");
+  if (w_dims.size() != 2 || x_dims.size() == 0 || x_dims.back() != w_dims[0] || w_dims[1] % (2 * kLanes)) {
+    return ffi::Error::InvalidArgument("packed_dot: x [..., K] and packed W [K, N] with N a multiple of twice the lanes");
   }
   auto work = std::make_shared<Work>();
   work->x = x.typed_data();
