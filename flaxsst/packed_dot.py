@@ -1,17 +1,19 @@
 """float32 CPU dots over weights packed in column panels: ``kernels/packed_dot.cc``, an XLA FFI custom call.
 
 For the few rows of an endpoint's one-text batch, a dense layer's time is its weights' bytes streaming
-from memory. XLA's and YNNPACK's dots read a ``[K, N]`` kernel as rows of ``N``; the packed kernel reads
-each panel of ``lanes`` columns (16 with AVX-512, 8 with AVX2) as one contiguous run, every row of the
-input consuming it on the way: 0.70-0.76x XLA's time on the 36 dots of DistilBERT at 8-24 rows, about
-even from 128 rows, slower from 192 (bench/RESULTS.md). The source is compiled once per machine and
-jaxlib, with this CPU's instruction set (``c++ -O3 -march=native``; ``FLAXSST_PACKED_DOT_MARCH`` names
-another, as ``haswell`` for the AVX2 kernel), into ``kernel_dir()``; where there
-is no compiler, no AVX2 and FMA, or ``FLAXSST_PACKED_DOT=0``, ``load()`` returns None and callers keep
-XLA's dots.
+from memory. XLA's and YNNPACK's dots read a ``[K, N]`` kernel as rows of ``N``; the packed kernel
+reads each panel of ``lanes`` columns (16 with AVX-512, 8 with AVX2) as one contiguous run, every row
+of the input consuming a pair of panels on the way. On the 36 dots of DistilBERT-base it takes
+0.68-0.79x the time of the faster of XLA's and YNNPACK's dots at 1-24 rows, 0.86x at 128 and
+0.94-0.99x at 384-1536 (``bench.dense_dots``, bench/RESULTS.md).
+
+The source is compiled once per machine and jaxlib, for this CPU's instruction set (``c++ -O3
+-march=native``; ``FLAXSST_PACKED_DOT_MARCH`` names another, as ``haswell`` for the AVX2 kernel), into
+``kernel_dir()``. Where there is no compiler, no AVX2 and FMA, or ``FLAXSST_PACKED_DOT=0``, ``load()``
+returns None and callers keep XLA's dots.
 
 A packed kernel keeps its ``[K, N]`` shape (the parameter tree is unchanged); only the order of its
-floats differs: ``pack(w)[k', n']`` for the flat index ``p*K*lanes + k*lanes + j`` holds ``w[k, p*lanes + j]``.
+floats differs: flat index ``p*K*lanes + k*lanes + j`` holds ``w[k, p*lanes + j]``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +59,17 @@ def cpu_flags() -> str:
     return ""
 
 
-@functools.cache
+_LOCK = threading.Lock()
+
+
 def load() -> int | None:
     """Compile (once per machine) and register the packed dot; its lanes, or None where it cannot run here."""
+    with _LOCK:  # two Classifiers starting at once build and register it once
+        return _load()
+
+
+@functools.cache
+def _load() -> int | None:
     if os.environ.get("FLAXSST_PACKED_DOT", "1") == "0":
         return None
     flags = cpu_flags().split()

@@ -115,9 +115,9 @@ class Classifier:
         self.max_length = max_length
         precision = Precision(dtype, float32_accumulation=backend == "cpu")
         params = inference_params(params, precision.dtype)
-        # float32 on a CPU: the dense layers run flaxsst.packed_dot over kernels packed for it, every batch
-        # (0.7x XLA's dots at a few rows, 0.96x YNNPACK's on the dev set, bench/RESULTS.md); where it cannot,
-        # XLA's dots for the smallest batches and YNNPACK's for the rest
+        # float32 on a CPU: every dense layer runs flaxsst.packed_dot over kernels packed for it (0.68-0.79x
+        # the time of XLA's and YNNPACK's dots at 1-24 rows, 0.99x at 1536; bench/RESULTS.md); where it
+        # cannot, XLA's dots for the smallest batches and YNNPACK's for the rest
         self.packed_lanes = 0
         if backend == "cpu" and precision.dtype == jnp.float32 and model is None:
             self.packed_lanes = packed_dot.load() or 0
