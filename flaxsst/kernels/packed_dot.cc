@@ -111,6 +111,10 @@ static ffi::Error PackedDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   work->y = y->typed_data();
   work->k_dim = w_dims[0];
   work->n_dim = w_dims[1];
+  if (work->k_dim == 0) {  // an empty sum
+    std::fill(work->y, work->y + y->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
   work->m_dim = x.element_count() / work->k_dim;
   work->chunks = (work->n_dim / kLanes + kChunkPanels - 1) / kChunkPanels;
   // The calling thread takes part: with it, as many threads as the pool has.
