@@ -86,6 +86,45 @@ def best_seconds_in_turns(runs: dict, rounds: int) -> dict:
     return {name: min(seconds) for name, seconds in times.items()}
 
 
+def random_model_dir(tokenizer_dir: str, prefix: str):
+    """A temporary HF folder with random DistilBERT-base weights (seed 0) and ``tokenizer_dir``'s tokenizer:
+    ``(folder, the transformers model)``."""
+    import torch
+    import transformers
+
+    from flaxsst.tokenizer import Tokenizer
+
+    work = tempfile.mkdtemp(prefix=prefix)
+    torch.manual_seed(0)
+    reference = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(num_labels=2)).eval()
+    reference.save_pretrained(work)
+    Tokenizer.from_pretrained(tokenizer_dir, 512).save_pretrained(work)
+    return work, reference
+
+
+def export_onnx(reference, ids: list[list[int]], path: str) -> None:
+    """``reference`` as ONNX (opset 17) with dynamic batch and length axes, traced on a fair batch of ``ids``."""
+    import torch
+
+    _, ids0, mask0 = next(fair_batches(ids, 8))
+    torch.onnx.export(reference, (torch.from_numpy(ids0), torch.from_numpy(mask0)), path,
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "logits": {0: "b"}},
+                      opset_version=17, dynamo=False)
+
+
+def ort_session(path: str, threads: int):
+    """An ONNX Runtime CPU session as a careful user sets one up: ``threads`` intra-op threads, every graph
+    optimization."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 def latency_in_turns(runs: dict, texts: list[str], rounds: int) -> dict:
     """Each of ``runs`` (one text -> logits) called on every one of ``texts`` in a round, runners in turns,
     ``rounds`` times, after one untimed pass each (it compiles what it needs): every call's seconds."""
@@ -213,15 +252,10 @@ def main() -> None:
     import transformers
 
     from flaxsst import Classifier
-    from flaxsst.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
     texts = read_texts(args.texts)
-    work = tempfile.mkdtemp(prefix="cpu_peers_")
-    torch.manual_seed(0)
-    reference = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(num_labels=2)).eval()
-    reference.save_pretrained(work)
-    Tokenizer.from_pretrained(args.tokenizer_dir, 512).save_pretrained(work)
+    work, reference = random_model_dir(args.tokenizer_dir, "cpu_peers_")
     flax_fp32 = Classifier.from_pretrained(work)
     flax_bf16 = Classifier.from_pretrained(work, dtype=jnp.bfloat16)
     ids = flax_fp32.encode(texts)
@@ -238,24 +272,14 @@ def main() -> None:
         return run
 
     onnx_path = f"{work}/model.onnx"
-    _, ids0, mask0 = next(fair_batches(ids, 8))
-    torch.onnx.export(reference, (torch.from_numpy(ids0), torch.from_numpy(mask0)), onnx_path,
-                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                      dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "logits": {0: "b"}},
-                      opset_version=17, dynamo=False)
-
-    def session(path: str):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    export_onnx(reference, ids, onnx_path)
 
     from onnxruntime.transformers.optimizer import optimize_model
 
     fused = optimize_model(onnx_path, model_type="bert", num_heads=12, hidden_size=768)
     fused.save_model_to_file(f"{work}/model_fused.onnx")
-    sessions = {"ort_fp32": session(onnx_path), "ort_fused_fp32": session(f"{work}/model_fused.onnx")}
+    sessions = {"ort_fp32": ort_session(onnx_path, args.threads),
+                "ort_fused_fp32": ort_session(f"{work}/model_fused.onnx", args.threads)}
 
     def ort_fn(sess):
         return lambda input_ids, mask: sess.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})[0]

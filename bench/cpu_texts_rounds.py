@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
 
-from bench.cpu_peers import fair_batches, read_texts
+from bench.cpu_peers import export_onnx, fair_batches, ort_session, random_model_dir, read_texts
 
 
 def main() -> None:
@@ -28,32 +27,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
 
-    import onnxruntime as ort
     import torch
-    import transformers
 
     from flaxsst import Classifier
-    from flaxsst.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
     texts = read_texts(args.texts)
-    work = tempfile.mkdtemp(prefix="cpu_texts_rounds_")
-    torch.manual_seed(0)
-    reference = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(num_labels=2)).eval()
-    reference.save_pretrained(work)
-    Tokenizer.from_pretrained(args.tokenizer_dir, 512).save_pretrained(work)
+    work, reference = random_model_dir(args.tokenizer_dir, "cpu_texts_rounds_")
     clf = Classifier.from_pretrained(work)
     ids = clf.encode(texts)
-    _, ids0, mask0 = next(fair_batches(ids, 8))
-    torch.onnx.export(reference, (torch.from_numpy(ids0), torch.from_numpy(mask0)), f"{work}/model.onnx",
-                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                      dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "logits": {0: "b"}},
-                      opset_version=17, dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(f"{work}/model.onnx", options, providers=["CPUExecutionProvider"])
+    export_onnx(reference, ids, f"{work}/model.onnx")
+    session = ort_session(f"{work}/model.onnx", args.threads)
 
     def ort_at(batch_size):
         def run():
