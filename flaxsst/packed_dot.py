@@ -128,7 +128,7 @@ def pack_params(params: dict, lanes: int) -> dict:
     def visit(tree):
         if isinstance(tree, dict):
             if set(tree) >= {"kernel", "bias"} and np.ndim(tree["kernel"]) == 2 and packs(np.shape(tree["kernel"])[1], lanes):
-                return {**tree, "kernel": jnp.asarray(pack(tree["kernel"], lanes))}
+                return {**tree, "kernel": pack(tree["kernel"], lanes)}  # placed with the rest by the caller
             return {name: visit(child) for name, child in tree.items()}
         return tree
 

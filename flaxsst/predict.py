@@ -118,9 +118,8 @@ class Classifier:
         # float32 on a CPU: every dense layer runs flaxsst.packed_dot over kernels packed for it (0.68-0.79x
         # the time of XLA's and YNNPACK's dots at 1-24 rows, 0.99x at 1536; bench/RESULTS.md); where it
         # cannot, XLA's dots for the smallest batches and YNNPACK's for the rest
-        self.packed_lanes = 0
-        if backend == "cpu" and precision.dtype == jnp.float32 and model is None:
-            self.packed_lanes = packed_dot.load() or 0
+        cpu_float32 = backend == "cpu" and precision.dtype == jnp.float32
+        self.packed_lanes = (packed_dot.load() or 0) if cpu_float32 and model is None else 0
         if self.packed_lanes:
             precision = dataclasses.replace(precision, packed_lanes=self.packed_lanes)
             params = packed_dot.pack_params(params, self.packed_lanes)
@@ -128,8 +127,7 @@ class Classifier:
         self.model = model or DistilBertForSequenceClassification(config, precision)
         apply = lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, deterministic=True)  # noqa: E731
         self.forward = jax.jit(apply)
-        cpu_float32 = backend == "cpu" and precision.dtype == jnp.float32 and not self.packed_lanes
-        self.small_forward = plain_dot_forward(apply) if cpu_float32 else None
+        self.small_forward = plain_dot_forward(apply) if cpu_float32 and not self.packed_lanes else None
 
     @classmethod
     def from_pretrained(

@@ -79,7 +79,7 @@ def test_a_float32_cpu_classifier_runs_every_dense_layer_packed(tiny_model_dir):
     assert hlo.count('custom_call_target="flaxsst_packed_dot"') == 2 * 6 + 1  # q, k, v, out, lin1, lin2 in each of 2 layers; pre_classifier
 
 
-FALLBACK = """
+FRESH_PROCESS = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 from flaxsst import Classifier, packed_dot
@@ -89,42 +89,36 @@ print(json.dumps(clf.logits(["a fine film"]).tolist()))
 """
 
 
-@pytest.mark.parametrize("env, says", [({"CXX": "false"}, "compiling"), ({"FLAXSST_PACKED_DOT": "0"}, None)])
-def test_without_the_kernel_small_batches_keep_xla_dots_and_the_same_logits(tiny_model_dir, tmp_path, env, says):
+def in_a_fresh_process(model_dir, kernel_dir, env: dict):
+    """A new process's Classifier of ``model_dir``, ``env`` set: (its lanes line, its stderr), after checking
+    its logits of one text against transformers'."""
     import torch
     import transformers
 
-    run_env = dict(os.environ, FLAXSST_KERNEL_DIR=str(tmp_path / "kernels"), **env)
-    out = subprocess.run([sys.executable, "-c", FALLBACK, str(tiny_model_dir)], capture_output=True, text=True,
-                         env=run_env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(model_dir)], capture_output=True, text=True,
+                         env=dict(os.environ, FLAXSST_KERNEL_DIR=str(kernel_dir), **env), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.splitlines()
-    assert lines[0] == "lanes None packed_lanes 0"
-    if says:
-        assert says in out.stderr and "using XLA's dots" in out.stderr
-    assert not list((tmp_path / "kernels").glob("*.so"))
-    model = transformers.DistilBertForSequenceClassification.from_pretrained(tiny_model_dir).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    lanes_line, logits = out.stdout.splitlines()[:2]
+    model = transformers.DistilBertForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     with torch.no_grad():
         expected = model(**tok(["a fine film"], return_tensors="pt")).logits.numpy()
-    np.testing.assert_allclose(np.array(json.loads(lines[1])), expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.array(json.loads(logits)), expected, atol=1e-5, rtol=0)
+    return lanes_line, out.stderr
+
+
+@pytest.mark.parametrize("env, says", [({"CXX": "false"}, "compiling"), ({"FLAXSST_PACKED_DOT": "0"}, None)])
+def test_without_the_kernel_small_batches_keep_xla_dots_and_the_same_logits(tiny_model_dir, tmp_path, env, says):
+    lanes_line, stderr = in_a_fresh_process(tiny_model_dir, tmp_path / "kernels", env)
+    assert lanes_line == "lanes None packed_lanes 0"
+    if says:
+        assert says in stderr and "using XLA's dots" in stderr
+    assert not list((tmp_path / "kernels").glob("*.so"))
 
 
 @needs_kernel
 def test_the_avx2_kernel_gives_the_transformers_logits(tiny_model_dir, tmp_path):
     """Eight lanes, as on an AVX2-only CPU: the same source compiled for Haswell."""
-    import torch
-    import transformers
-
-    run_env = dict(os.environ, FLAXSST_KERNEL_DIR=str(tmp_path / "kernels"), FLAXSST_PACKED_DOT_MARCH="haswell")
-    out = subprocess.run([sys.executable, "-c", FALLBACK, str(tiny_model_dir)], capture_output=True, text=True,
-                         env=run_env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.splitlines()
-    assert lines[0] == "lanes 8 packed_lanes 8"
+    lanes_line, _ = in_a_fresh_process(tiny_model_dir, tmp_path / "kernels", {"FLAXSST_PACKED_DOT_MARCH": "haswell"})
+    assert lanes_line == "lanes 8 packed_lanes 8"
     assert len(list((tmp_path / "kernels").glob("packed_dot-*.so"))) == 1
-    model = transformers.DistilBertForSequenceClassification.from_pretrained(tiny_model_dir).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        expected = model(**tok(["a fine film"], return_tensors="pt")).logits.numpy()
-    np.testing.assert_allclose(np.array(json.loads(lines[1])), expected, atol=1e-5, rtol=0)
