@@ -1,5 +1,5 @@
 """Candidate ``Classifier`` call paths, timed against the product's by ``bench.throughput --classifier``;
-one moves into ``flaxsst.predict`` only when the GPU numbers support it (bench/RESULTS.md).
+one moves into ``flaxsst.classifier`` only when the GPU numbers support it (bench/RESULTS.md).
 
 - ``packed``: one host-to-device copy per batch instead of two: the ids and each row's
   length travel as one int32 array ``[rows, length + 1]`` and the attention mask is
@@ -13,13 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxsst.predict import Classifier
+from flaxsst.classifier import Classifier
+from flaxsst.model import DistilBertForSequenceClassification
 
 
 class PackedClassifier(Classifier):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        model = self.model
+        model = DistilBertForSequenceClassification(self.config, self.precision)
 
         def forward(params, packed):
             length = packed.shape[1] - 1

@@ -3,8 +3,8 @@
     python -m bench.cpu_lastblock_ab --texts ../shared/data/sst2/dev.tsv --tokenizer-dir ../shared/data/distilbert-base-uncased-finetuned-sst-2-english
 
 ``Classifier`` on the 872 SST-2 dev sentences with DistilBERT-base shapes (random weights), once with
-``DistilBertForSequenceClassification(cls_only=True)`` (the product) and once with ``cls_only=False``
-(as transformers computes it), alternating for ``--rounds`` rounds so that machine noise hits both
+``DistilBertForSequenceClassification`` (the product) and once with ``bench.step_variants.AllRowsClassifier``
+(as transformers computes it, in the Classifier's own precision over its own parameters), alternating for ``--rounds`` rounds so that machine noise hits both
 alike. Prints one JSON line: the best time of each, every round's times, the speedup and the largest
 logit difference between the two.
 """
@@ -17,9 +17,10 @@ import time
 import jax
 import numpy as np
 from bench.cpu_peers import read_texts
+from bench.step_variants import AllRowsClassifier
 from flaxsst.config import ModelConfig
-from flaxsst.model import DistilBertForSequenceClassification, init_params
-from flaxsst.predict import Classifier
+from flaxsst.model import init_params
+from flaxsst.classifier import Classifier
 from flaxsst.tokenizer import Tokenizer
 
 
@@ -36,9 +37,12 @@ def main() -> None:
     tokenizer = Tokenizer.from_pretrained(args.tokenizer_dir)
     texts = read_texts(args.texts)
     classifiers = {}
-    for name, cls_only in (("cls_only", True), ("allrows", False)):
-        clf = Classifier(config, params, tokenizer, batch_size=args.batch_size,
-                         model=DistilBertForSequenceClassification(config, cls_only=cls_only))
+    for name in ("cls_only", "allrows"):
+        clf = Classifier(config, params, tokenizer, batch_size=args.batch_size)
+        if name == "allrows":
+            model = AllRowsClassifier(config, clf.precision)
+            clf.forward = jax.jit(lambda p, ids, mask, model=model: model.apply({"params": p}, ids, mask))
+            clf.small_forward = None
         clf.logits(texts)  # compiles the shapes these texts need
         classifiers[name] = clf
     times: dict = {name: [] for name in classifiers}

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxsst import packed_dot
-from flaxsst.predict import CPU_PLAIN_DOTS
+from flaxsst.classifier import CPU_PLAIN_DOTS
 
 SHAPES = {"q": (768, 768), "k": (768, 768), "v": (768, 768), "o": (768, 768), "lin1": (768, 3072), "lin2": (3072, 768)}
 

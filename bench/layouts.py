@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from flaxsst.config import ModelConfig
-from flaxsst.model import Embeddings, Precision, TransformerBlock
+from flaxsst.model import Embeddings, Precision, TransformerBlock, classification_head
 from flaxsst.optimizer import decay_mask
 
 
@@ -142,11 +142,9 @@ def _split_bwd(sizes, _, cotangents):
 _split.defvjp(_split_fwd, _split_bwd)
 
 
-def flat_optimizer(train, total_steps: int, layout: FlatLayout) -> optax.GradientTransformation:
-    """The recipe's optimizer on one vector: weight decay covers its decayed ranges."""
-    from flaxsst.optimizer import linear_warmup_decay
-
-    schedule = linear_warmup_decay(train.learning_rate, train.warmup_steps, total_steps)
+def flat_optimizer(train, schedule: Callable, layout: FlatLayout) -> optax.GradientTransformation:
+    """The recipe's optimizer on one vector at ``schedule``'s learning rate: weight decay covers its
+    decayed ranges."""
     decay = _add_decayed_ranges(train.weight_decay, layout.decay_ranges) if train.weight_decay else optax.identity()
     return optax.chain(optax.clip_by_global_norm(train.max_grad_norm),
                        optax.scale_by_adam(b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps),
@@ -276,12 +274,8 @@ class ScannedClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, deterministic: bool = True):
-        config, dtype = self.config, self.precision.dtype
-        dense = functools.partial(nn.Dense, dtype=dtype, kernel_init=nn.initializers.normal(config.initializer_range))
-        hidden = _Encoder(config, self.precision, name="distilbert")(input_ids, attention_mask, deterministic)
-        pooled = nn.relu(dense(config.dim, name="pre_classifier")(hidden[:, 0]))
-        pooled = nn.Dropout(config.seq_classif_dropout)(pooled, deterministic=deterministic)
-        return dense(config.num_labels, name="classifier")(pooled).astype(jnp.float32)
+        hidden = _Encoder(self.config, self.precision, name="distilbert")(input_ids, attention_mask, deterministic)
+        return classification_head(self.config, self.precision, hidden[:, 0], deterministic)
 
 
 def stack_layers(params: dict, n_layers: int) -> dict:

@@ -34,9 +34,10 @@ from flaxsst.aot import model_config_of  # noqa: E402
 from flaxsst.config import load_train_config  # noqa: E402
 from flaxsst.errors import DataError  # noqa: E402
 from flaxsst.model import DistilBertForSequenceClassification, init_params, precision_of  # noqa: E402
-from flaxsst.optimizer import make_optimizer  # noqa: E402
+from flaxsst.optimizer import linear_warmup_decay, make_optimizer  # noqa: E402
 from flaxsst.param_groups import ParamGroups  # noqa: E402
-from flaxsst.steps import AXIS, _loss_and_logits, create_train_state, dropout_key  # noqa: E402
+from flaxsst.steps import AXIS, create_train_state, dropout_key, loss_and_logits  # noqa: E402
+from flaxsst.workdir import Workdir  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -44,8 +45,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def train_losses(path: Path) -> dict[int, float]:
     """``{step: loss}`` of a metrics.jsonl's train records (a run's folder names its metrics.jsonl); a
     last line cut short (a killed run) is skipped."""
-    if path.is_dir() and (path / "metrics.jsonl").is_file():
-        path = path / "metrics.jsonl"
+    if path.is_dir() and Workdir(path).metrics.is_file():
+        path = Workdir(path).metrics
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -80,8 +81,8 @@ def compare_losses(before: Path, after: Path, tolerance: float) -> dict:
 
 def _debug_step(state, batch, *, model, layout, optimizer, clip):
     """The trainer's step (``flaxsst.steps.train_step``) that also returns its raw and clipped gradients."""
-    (loss_sum, _), grads = jax.value_and_grad(_loss_and_logits, has_aux=True)(
-        state.params, batch, dropout_key(state.rng, state.step), model=model, groups=layout, deterministic=False)
+    (loss_sum, _), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(
+        state.params, batch, dropout_key(state.rng, state.step), model=model, groups=layout)
     scale = 1.0 / jnp.maximum(jax.lax.psum(jnp.sum(batch["weights"]), AXIS), 1.0)
     grads = jax.tree_util.tree_map(lambda g: jax.lax.psum(g, AXIS) * scale, grads)
     clipped, _ = clip.update(grads, clip.init(grads))
@@ -102,8 +103,9 @@ def compare_steps(pretrained: str, steps: int, layers: int, length: int, learnin
     params = init_params(model_config, 0)
     devices = jax.local_devices()[:1]
     runs = {}
+    schedule = linear_warmup_decay(config.train.learning_rate, config.train.warmup_steps, 6315)
     for name, layout in (("tree", layouts.TreeLayout()), ("groups", ParamGroups(params, precision.dtype))):
-        optimizer = make_optimizer(config.train, 6315, layout.decay_mask())
+        optimizer = make_optimizer(config.train, schedule, layout.decay_mask())
         step = jax.pmap(functools.partial(_debug_step, model=model, layout=layout, optimizer=optimizer,
                                           clip=optax.clip_by_global_norm(config.train.max_grad_norm)),
                         axis_name=AXIS, devices=devices, donate_argnums=(0,))

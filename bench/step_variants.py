@@ -9,7 +9,7 @@
   one vector; the blocks stacked and scanned), with the einsum attention: ``tree`` is the default
   step before the groups and the kernels.
 - ``allrows``: the trainer's step with the classifier's last block over every position, as
-  transformers computes it (``DistilBertForSequenceClassification(cls_only=False)``).
+  transformers computes it (``AllRowsClassifier``).
   ``bench.throughput`` takes it for inference too.
 - ``scan<k>`` / ``<layout>_scan<k>``: ``k`` consecutive steps in one dispatch, ``lax.scan`` over a
   ``[k, rows, ...]`` stack of batches.
@@ -25,11 +25,12 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 
 from bench import layouts
 from flaxsst.config import ModelConfig, TrainSection
-from flaxsst.model import DistilBertForSequenceClassification, Precision
+from flaxsst.model import DistilBertForSequenceClassification, DistilBertModel, Precision, classification_head
 from flaxsst.optimizer import linear_warmup_decay, make_optimizer
 from flaxsst.param_groups import ParamGroups
 from flaxsst.steps import AXIS, create_train_state, train_step
@@ -70,7 +71,23 @@ def model_for(variant: str, config: ModelConfig, precision: Precision = Precisio
         precision = dataclasses.replace(precision, attention="xla")
     if name == "stacked":
         return layouts.ScannedClassifier(config, precision)
-    return DistilBertForSequenceClassification(config, precision, cls_only=variant != "allrows")
+    if variant == "allrows":
+        return AllRowsClassifier(config, precision)
+    return DistilBertForSequenceClassification(config, precision)
+
+
+class AllRowsClassifier(nn.Module):
+    """``DistilBertForSequenceClassification`` with its last block over every position, as transformers
+    computes it: the same parameters and logits, ~1/n_layers more work."""
+
+    config: ModelConfig
+    precision: Precision = Precision()
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, deterministic: bool = True):
+        hidden = DistilBertModel(self.config, self.precision, name="distilbert")(input_ids, attention_mask,
+                                                                                 deterministic, cls_only=False)
+        return classification_head(self.config, self.precision, hidden[:, 0], deterministic)
 
 
 def scan_steps(step: Callable) -> Callable:
@@ -91,11 +108,11 @@ def build(variant: str, config: ModelConfig, precision: Precision, params: Any, 
     where ``params`` are shapes), k, the layout)."""
     name, k = parse(variant)
     layout = layout_for(variant, params, config, precision)
-    if name == "flat":
-        optimizer = layouts.flat_optimizer(train, total_steps, layout)
-    else:
-        optimizer = make_optimizer(train, total_steps, layout.decay_mask())
     schedule = linear_warmup_decay(train.learning_rate, train.warmup_steps, total_steps)
+    if name == "flat":
+        optimizer = layouts.flat_optimizer(train, schedule, layout)
+    else:
+        optimizer = make_optimizer(train, schedule, layout.decay_mask())
     step = functools.partial(train_step, model=model_for(variant, config, precision), groups=layout,
                              optimizer=optimizer, schedule=schedule)
     if isinstance(jax.tree_util.tree_leaves(params)[0], jax.ShapeDtypeStruct):

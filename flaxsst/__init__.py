@@ -8,11 +8,11 @@ __version__ = "0.1.0"
 # Before anything imports jax's backends: libtpu (the tpu extra) on a machine without TPU chips starts quietly.
 quiet_tpu_runtime()
 
-_WHERE = {"Classifier": "flaxsst.predict", "ModelConfig": "flaxsst.config", "Tokenizer": "flaxsst.tokenizer"}
+_WHERE = {"Classifier": "flaxsst.classifier", "ModelConfig": "flaxsst.config", "Tokenizer": "flaxsst.tokenizer"}
 
 
 def __getattr__(name: str):
-    # Imported on first use, so `python -m flaxsst.predict` does not import its own module twice.
+    # Imported on first use: `import flaxsst` (and every command's start, its --help included) does not load jax.
     if name in _WHERE:
         import importlib
 

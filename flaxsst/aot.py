@@ -4,7 +4,7 @@ chip needs: will it compile, does it fit, how many kernels does a step launch.
     python -m flaxsst.aot --config conf/sst2.yaml --topology v5e:2x4 [key=value ...] [--hlo DIR]
 
 The model, parameter layout, optimizer and ``pmap`` mapping are the trainer's own
-(``trainer.build_steps``), built from shapes alone: no data is read and no weight is loaded (the
+(``run_setup.build_steps``), built from shapes alone: no data is read and no weight is loaded (the
 model's ``config.json`` is read where ``model.pretrained`` names one). For every length bucket the train
 and the eval program are compiled by libtpu (the ``tpu`` extra) on this machine's CPU, and each
 prints a JSON line: per-chip memory against the chip's HBM, FLOPs and bytes (XLA's cost analysis),
@@ -155,7 +155,7 @@ def model_config_of(config) -> Any:
     """The model's shapes: ``model.pretrained``'s config.json (no weights), or a random init's
     (``model.config`` over DistilBERT-base, the vocabulary of ``model.tokenizer`` or BERT's 30,522)."""
     from flaxsst.config import ModelConfig
-    from flaxsst.trainer import build_tokenizer, model_overrides
+    from flaxsst.run_setup import build_tokenizer, model_overrides
 
     if config.model.pretrained:
         from flaxsst.convert import CONFIG_NAME, _read_json, config_from_hf
@@ -253,8 +253,8 @@ def compile_run(config, slice_: Slice, hlo_dir: Path | None = None, log=print) -
     from flaxsst.evaluation import global_eval_batch
     from flaxsst.model import init_params
     from flaxsst.parallel import check_divisible
+    from flaxsst.run_setup import build_steps
     from flaxsst.steps import create_train_state
-    from flaxsst.trainer import build_steps
 
     devices = topology_devices(slice_)
     n = len(devices)

@@ -47,6 +47,20 @@ def octave_steps(per_octave: int, largest: int) -> tuple[int, ...]:
     return (*lengths, largest)
 
 
+def serving_lengths(backend: str, max_length: int) -> tuple[int, ...]:
+    """The padded lengths a server warms: on a CPU 10 up to 128 tokens (every 4 from 16 to 32, then 40,
+    48, 64, 96, 128; 60 programs instead of the 234 of ``octave_steps``), each compiled program holding
+    ~10 MB and taking ~1 s to compile on 2 cores, for 6-7% more padded tokens on SST-2 sentences
+    (bench/RESULTS.md); past 128, powers of two and their midpoints. An accelerator's powers of two are
+    few already."""
+    if backend != "cpu":
+        return powers_of_two(min(ACCELERATOR_SMALLEST_LENGTH, max_length), max_length)
+    steps = [16, 20, 24, 28, 32, 40, 48, 64, 96, 128]
+    while steps[-1] < max_length:
+        steps += [steps[-1] * 3 // 2, steps[-1] * 2]
+    return (*[length for length in steps if length < max_length], max_length)
+
+
 def multiples(step: int, largest: int) -> tuple[int, ...]:
     """Multiples of ``step`` below ``largest``, and ``largest`` itself."""
     return (*range(step, largest, step), largest)
@@ -77,19 +91,25 @@ class BatchShapes:
 
     @classmethod
     def for_backend(cls, backend: str, max_length: int, batch_size: int | None = None,
-                    length_step: int | None = None) -> "BatchShapes":
-        """The defaults for ``backend`` ("cpu", "gpu", "tpu"); ``batch_size`` and ``length_step`` (padded
-        lengths are its multiples instead) replace them."""
+                    length_step: int | None = None, lengths: Sequence[int] | None = None) -> "BatchShapes":
+        """The defaults for ``backend`` ("cpu", "gpu", "tpu"); ``batch_size``, ``length_step`` (padded
+        lengths are its multiples instead) and ``lengths`` (these, cut at ``max_length``, and
+        ``max_length`` itself) replace them."""
         if length_step is not None and length_step < 1:
             raise ConfigError(f"length_step={length_step} must be at least 1")
-        if backend == "cpu":
-            rows = CPU_BATCH_SIZE if batch_size is None else batch_size
-            lengths = multiples(length_step, max_length) if length_step else octave_steps(CPU_STEPS_PER_OCTAVE,
-                                                                                          max_length)
-            return cls(rows, lengths, True)
-        lengths = multiples(length_step, max_length) if length_step else powers_of_two(
-            min(ACCELERATOR_SMALLEST_LENGTH, max_length), max_length)
-        return cls(ACCELERATOR_BATCH_SIZE if batch_size is None else batch_size, lengths, False)
+        if length_step and lengths is not None:
+            raise ConfigError("length_step and lengths both set the padded lengths: give one")
+        cpu = backend == "cpu"
+        if lengths is not None:
+            lengths = (*sorted({length for length in lengths if 1 <= length < max_length}), max_length)
+        elif length_step:
+            lengths = multiples(length_step, max_length)
+        elif cpu:
+            lengths = octave_steps(CPU_STEPS_PER_OCTAVE, max_length)
+        else:
+            lengths = powers_of_two(min(ACCELERATOR_SMALLEST_LENGTH, max_length), max_length)
+        rows = (CPU_BATCH_SIZE if cpu else ACCELERATOR_BATCH_SIZE) if batch_size is None else batch_size
+        return cls(rows, lengths, cpu)
 
     def row_counts(self) -> list[int]:
         """Every row count a batch can have."""

@@ -33,6 +33,7 @@ import numpy as np
 
 from flaxsst.config import TrainConfig, config_keys, load_train_config, train_config_to_yaml
 from flaxsst.errors import CheckpointError, ConfigError, WorkdirError
+from flaxsst.workdir import Workdir
 
 logger = logging.getLogger("flaxsst")
 
@@ -246,7 +247,7 @@ class WorkdirLock:
     leaves no stale lock). The file names the holder, for the error a second run prints."""
 
     def __init__(self, workdir: Path):
-        self.path = Path(workdir) / ".lock"
+        self.path = Workdir(workdir).lock
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -308,7 +309,7 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
 
 def check_resumable(workdir: Path, config: TrainConfig) -> None:
     """A workdir with checkpoints resumes only under the config it was started with."""
-    saved_path = workdir / "config.yaml"
+    saved_path = Workdir(workdir).config
     if not saved_path.is_file():
         return
     try:
@@ -323,7 +324,7 @@ def check_resumable(workdir: Path, config: TrainConfig) -> None:
 
 
 def write_config(workdir: Path, config: TrainConfig) -> None:
-    write_atomically(workdir / "config.yaml", train_config_to_yaml(config))
+    write_atomically(Workdir(workdir).config, train_config_to_yaml(config))
 
 
 def rewind_metrics(path: Path, step: int) -> None:

@@ -376,6 +376,15 @@ def _validate(config: TrainConfig) -> None:
             raise ConfigError(f"unknown key 'model.config.{key}'{hint} (config.json fields: {', '.join(fields)})")
 
 
+def check_sequence_length(config: TrainConfig, model_config: ModelConfig, source: str) -> None:
+    """``data.max_seq_length`` must fit the model's position table (checked before anything compiles);
+    ``source`` names where the model's config comes from."""
+    if config.data.max_seq_length > model_config.max_position_embeddings:
+        raise ConfigError(f"data.max_seq_length={config.data.max_seq_length} is longer than the model's "
+                          f"max_position_embeddings={model_config.max_position_embeddings} ({source}); "
+                          f"use data.max_seq_length={model_config.max_position_embeddings} or less")
+
+
 def train_config_to_yaml(config: TrainConfig) -> str:
     from omegaconf import OmegaConf
 

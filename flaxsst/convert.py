@@ -401,6 +401,13 @@ def load_pretrained(
     """
     model_dir = resolve_model_dir(name_or_path, key=setting, revision=revision, cache_dir=cache_dir,
                                   local_files_only=local_files_only)
+    return read_pretrained(model_dir, rng=rng, return_report=return_report, **config_overrides)
+
+
+def read_pretrained(model_dir: Path, *, rng: jax.Array | int = 0, return_report: bool = False,
+                    **config_overrides: Any):
+    """``load_pretrained`` of a local folder already resolved (``flaxsst.hub.resolve_model_dir``)."""
+    model_dir = Path(model_dir)
     config_path = model_dir / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{model_dir} has no {CONFIG_NAME}; found {sorted(p.name for p in model_dir.iterdir())}")

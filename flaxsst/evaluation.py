@@ -12,10 +12,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from flaxsst.config import ModelConfig, TrainConfig
+from flaxsst.config import ModelConfig, TrainConfig, check_sequence_length
 from flaxsst.data import TokenizedSplit, eval_index_batches, load_tokenized, make_batch, process_slice
 from flaxsst.metrics import classification_metrics, format_table
 from flaxsst.parallel import gather_rows, put_batch
+from flaxsst.workdir import Workdir
 
 
 def global_eval_batch(batch_size: int, n_devices: int | None = None) -> int:
@@ -68,11 +69,12 @@ def training_workdir(model: str | os.PathLike) -> Path | None:
     path = Path(model).expanduser()
     if not path.is_dir():
         return None
-    if (path / "config.yaml").is_file() and (path / "export").is_dir():
+    here = Workdir(path)
+    if here.config.is_file() and here.export.is_dir():
         return path
-    parent = path.resolve().parent
-    if (parent / "config.yaml").is_file() and (parent / "export").resolve() == path.resolve():
-        return parent
+    parent = Workdir(path.resolve().parent)
+    if parent.config.is_file() and parent.export.resolve() == path.resolve():
+        return parent.root
     return None
 
 
@@ -84,9 +86,9 @@ def evaluation_config(model: str, config_path: str | None, overrides: list[str])
 
     workdir = training_workdir(model)
     if workdir is not None and Path(model).expanduser().resolve() == workdir.resolve():
-        model = str(workdir / "export")
+        model = str(Workdir(workdir).export)
     if config_path is None and workdir is not None:
-        config_path = str(workdir / "config.yaml")
+        config_path = str(Workdir(workdir).config)
         origin = f"the run's settings ({config_path})"
     elif config_path is None:
         origin = "the built-in defaults"
@@ -103,7 +105,8 @@ def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | 
     """Evaluate a HF folder / hub id / export on ``config.data.eval_split`` over all devices;
     print the table and write ``eval_results.json`` to ``output``. ``data_origin`` says where the
     data settings come from (printed and written)."""
-    from flaxsst.convert import load_pretrained
+    from flaxsst.convert import read_pretrained
+    from flaxsst.hub import resolve_model_dir
     from flaxsst.model import DistilBertForSequenceClassification, precision_of
     from flaxsst.param_groups import ParamGroups
     from flaxsst.parallel import initialize_distributed, pmap_eval_step, replicate
@@ -113,9 +116,10 @@ def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | 
     initialize_distributed(config)
     if output is not None:
         output = output_folder(output, "--output")
-    model_config, params = load_pretrained(model, setting="--model")
+    folder = resolve_model_dir(model, key="--model")
+    model_config, params = read_pretrained(folder)
     check_sequence_length(config, model_config, model)
-    tokenizer = Tokenizer.from_pretrained(model, config.data.max_seq_length, key="--model")
+    tokenizer = Tokenizer.from_folder(folder, config.data.max_seq_length)
     cache_dir = Path(config.data.cache_dir or cache_home() / "tokens")
     split = load_tokenized(config.data, config.data.eval_split, tokenizer, model_config.label2id, cache_dir, config.train.seed)
     precision = precision_of(config)
@@ -126,16 +130,7 @@ def evaluate_model(model: str, config: TrainConfig, output: str | os.PathLike | 
         print(f"{describe_split(split)} (data settings: {data_origin or 'as given'}); model {model}")
         print(format_table(metrics, model_config.id2label))
         if output is not None:
-            write_results(Path(output) / "eval_results.json", metrics, split, model=str(model),
+            write_results(Workdir(output).eval_results, metrics, split, model=str(model),
                           data_settings=data_origin or "as given")
     return metrics
 
-
-def check_sequence_length(config: TrainConfig, model_config: ModelConfig, source: str) -> None:
-    """``data.max_seq_length`` must fit the model's position table (checked before anything compiles)."""
-    from flaxsst.errors import ConfigError
-
-    if config.data.max_seq_length > model_config.max_position_embeddings:
-        raise ConfigError(f"data.max_seq_length={config.data.max_seq_length} is longer than the model's "
-                          f"max_position_embeddings={model_config.max_position_embeddings} ({source}); "
-                          f"use data.max_seq_length={model_config.max_position_embeddings} or less")

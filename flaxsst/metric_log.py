@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-METRICS_FILE = "metrics.jsonl"
+from flaxsst.workdir import Workdir
 
 
 class MetricLog:
@@ -22,12 +22,12 @@ class MetricLog:
 
     def __init__(self, workdir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
-        self.path = Path(workdir) / METRICS_FILE
+        self.path = Workdir(workdir).metrics
         self.writer = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(str(Workdir(workdir).tensorboard), purge_step=start_step + 1 if start_step else None)
 
     def write(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -48,7 +48,7 @@ class MetricLog:
 def read_metrics(workdir: str | Path) -> dict[str, dict[int, dict]]:
     """``{kind: {step: record}}`` from a workdir's ``metrics.jsonl``; a line that is not JSON is skipped."""
     records: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
-    path = Path(workdir) / METRICS_FILE
+    path = Workdir(workdir).metrics
     if not path.is_file():
         from flaxsst.errors import DataError
 

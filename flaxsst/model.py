@@ -384,15 +384,12 @@ class DistilBertForSequenceClassification(nn.Module):
 
     The logits read only the [CLS] position, so the encoder runs with ``cls_only`` (its last block
     computes that position alone): the same logits as Hugging Face's model, less work.
-    ``cls_only=False`` runs the last block over every position, as transformers does (the
-    bench's before/after comparison, ``python -m bench.throughput --variant allrows``).
 
     ``input_ids, attention_mask [batch, seq]`` -> float32 logits ``[batch, num_labels]``.
     """
 
     config: ModelConfig
     precision: Precision = Precision()
-    cls_only: bool = True
 
     @nn.compact
     def __call__(
@@ -401,14 +398,20 @@ class DistilBertForSequenceClassification(nn.Module):
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
     ) -> jax.Array:
-        config, precision = self.config, self.precision
-        hidden = DistilBertModel(config, precision, name="distilbert")(input_ids, attention_mask, deterministic,
-                                                                       cls_only=self.cls_only)
-        pooled = _dense(config, precision, config.dim, "pre_classifier")(hidden[:, 0])
-        pooled = nn.relu(pooled)
-        pooled = nn.Dropout(config.seq_classif_dropout)(pooled, deterministic=deterministic)
-        logits = _dense(config, precision, config.num_labels, "classifier")(pooled)
-        return logits.astype(jnp.float32)
+        hidden = DistilBertModel(self.config, self.precision, name="distilbert")(input_ids, attention_mask,
+                                                                                 deterministic, cls_only=True)
+        return classification_head(self.config, self.precision, hidden[:, 0], deterministic)
+
+
+def classification_head(config: ModelConfig, precision: Precision, cls_vector: jax.Array,
+                        deterministic: bool) -> jax.Array:
+    """``pre_classifier``, ReLU, dropout and ``classifier`` on ``cls_vector [batch, dim]``, as modules of
+    the calling module (call it inside an ``nn.compact`` method) -> float32 logits ``[batch, num_labels]``."""
+    pooled = _dense(config, precision, config.dim, "pre_classifier")(cls_vector)
+    pooled = nn.relu(pooled)
+    pooled = nn.Dropout(config.seq_classif_dropout)(pooled, deterministic=deterministic)
+    logits = _dense(config, precision, config.num_labels, "classifier")(pooled)
+    return logits.astype(jnp.float32)
 
 
 def init_params(config: ModelConfig, rng: jax.Array | int = 0) -> dict:

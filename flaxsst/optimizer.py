@@ -33,11 +33,13 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(train: TrainSection, total_steps: int, mask: Any = decay_mask) -> optax.GradientTransformation:
-    """Clipping then AdamW with the schedule; ``mask`` says which parameters are weight-decayed (a
-    tree of booleans, or a function of the parameters giving one)."""
+def make_optimizer(train: TrainSection, schedule: Callable[[jax.Array], jax.Array],
+                   mask: Any = decay_mask) -> optax.GradientTransformation:
+    """Clipping then AdamW at ``schedule``'s learning rate (the caller's ``linear_warmup_decay``, the
+    one it also logs); ``mask`` says which parameters are weight-decayed (a tree of booleans, or a
+    function of the parameters giving one)."""
     return optax.chain(
         optax.clip_by_global_norm(train.max_grad_norm),
-        optax.adamw(linear_warmup_decay(train.learning_rate, train.warmup_steps, total_steps),
-                    b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps, weight_decay=train.weight_decay, mask=mask),
+        optax.adamw(schedule, b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps,
+                    weight_decay=train.weight_decay, mask=mask),
     )

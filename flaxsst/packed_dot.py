@@ -9,8 +9,10 @@ of the input consuming a pair of panels on the way. On the 36 dots of DistilBERT
 
 The source is compiled once per machine and jaxlib, for this CPU's instruction set (``c++ -O3
 -march=native``; ``FLAXSST_PACKED_DOT_MARCH`` names another, as ``haswell`` for the AVX2 kernel), into
-``kernel_dir()``. Where there is no compiler, no AVX2 and FMA, or ``FLAXSST_PACKED_DOT=0``, ``load()``
-returns None and callers keep XLA's dots.
+``kernel_dir()``, under a name of the CPU's flags: a machine with another CPU never loads it. Where
+there is no compiler (and no kernel built), no AVX2 and FMA, or ``FLAXSST_PACKED_DOT=0``, ``load()``
+returns None and callers keep XLA's dots; ``load(build=False)`` (the server) loads a kernel built
+ahead of time and never compiles one.
 
 A packed kernel keeps its ``[K, N]`` shape (the parameter tree is unchanged); only the order of its
 floats differs: flat index ``p*K*lanes + k*lanes + j`` holds ``w[k, p*lanes + j]``.
@@ -62,36 +64,38 @@ def cpu_flags() -> str:
 _LOCK = threading.Lock()
 
 
-def load() -> int | None:
-    """Compile (once per machine) and register the packed dot; its lanes, or None where it cannot run here."""
+def load(build: bool = True) -> int | None:
+    """Register the packed dot, compiling it first (once per machine) where ``build``; its lanes, or None
+    where it cannot run here (or, without ``build``, is not built for this machine yet)."""
     with _LOCK:  # two Classifiers starting at once build and register it once
-        return _load()
+        return _load(build)
 
 
 @functools.cache
-def _load() -> int | None:
+def _load(build: bool) -> int | None:
     if os.environ.get("FLAXSST_PACKED_DOT", "1") == "0":
         return None
     flags = cpu_flags().split()
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= set(flags):
         log.info("packed dots need an x86-64 CPU with AVX2 and FMA; using XLA's dots")
         return None
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if not compiler:
+    library = kernel_dir() / f"packed_dot-{kernel_key(flags)}.so"
+    if not library.exists() and not build:
+        log.info("no packed-dot kernel built for this CPU in %s (python -m flaxsst.serve --prepare builds it); "
+                 "using XLA's dots", library.parent)
+        return None
+    compiler = _compiler()
+    if not library.exists() and not compiler:
         log.info("no C++ compiler (c++, g++, clang++ or $CXX) for the packed dots; using XLA's dots")
         return None
-    include = jax.ffi.include_dir()
-    march = os.environ.get("FLAXSST_PACKED_DOT_MARCH", "native")
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, march, include, jax.__version__,
-                                    " ".join(sorted(flags))]).encode()).hexdigest()[:16]
-    library = kernel_dir() / f"packed_dot-{key}.so"
     try:
         if not library.exists():
             library.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # complete or absent: no half-written .so
                 built = Path(scratch) / library.name
+                march = os.environ.get("FLAXSST_PACKED_DOT_MARCH", "native")
                 subprocess.run([compiler, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w",
-                                f"-I{include}", str(SOURCE), "-o", str(built)],
+                                f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)],
                                check=True, capture_output=True, text=True, timeout=300)
                 os.replace(built, library)
         lib = ctypes.cdll.LoadLibrary(str(library))
@@ -105,6 +109,18 @@ def _load() -> int | None:
         log.warning("the packed dots could not be loaded from %s (%s); using XLA's dots", library, e)
         return None
     return lanes
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def kernel_key(flags: list[str]) -> str:
+    """The compiled kernel's name: its source, the instruction set it targets (this CPU's flags unless
+    ``FLAXSST_PACKED_DOT_MARCH``) and the jax it links against; a CPU with other flags gets its own."""
+    march = os.environ.get("FLAXSST_PACKED_DOT_MARCH", "native")
+    return hashlib.sha256("\n".join([SOURCE.read_text(), march, jax.ffi.include_dir(), jax.__version__,
+                                     " ".join(sorted(flags))]).encode()).hexdigest()[:16]
 
 
 def pack(kernel: Any, lanes: int) -> np.ndarray:

@@ -37,10 +37,9 @@ def initialize_distributed(config) -> None:
 
 
 def pmap_train_step(model: nn.Module, groups: ParamGroups, optimizer: optax.GradientTransformation, schedule: Callable,
-                    devices: Sequence[jax.Device] | None = None, deterministic: bool = False) -> Callable:
+                    devices: Sequence[jax.Device] | None = None) -> Callable:
     """``train_step`` mapped over ``devices`` (default: all local ones), the state donated."""
-    step = functools.partial(train_step, model=model, groups=groups, optimizer=optimizer, schedule=schedule,
-                             deterministic=deterministic)
+    step = functools.partial(train_step, model=model, groups=groups, optimizer=optimizer, schedule=schedule)
     return jax.pmap(step, axis_name=AXIS, devices=devices, donate_argnums=(0,))
 
 

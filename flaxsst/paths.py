@@ -10,8 +10,11 @@ from flaxsst.errors import ConfigError, not_utf8
 
 
 def cache_home() -> Path:
-    """``~/.cache/flaxsst``: compiled programs (``jax/``) and the tokenized splits of evaluations (``tokens/``)."""
-    return Path(os.path.expanduser("~")) / ".cache" / "flaxsst"
+    """``FLAXSST_HOME``, else ``~/.cache/flaxsst``: JAX's compilation cache (``jax/``), stored inference
+    programs (``programs/``), the packed-dot kernel (``kernels/``) and the tokenized splits of evaluations
+    (``tokens/``). One variable moves them all, e.g. to a container image's or a volume's folder."""
+    home = os.environ.get("FLAXSST_HOME")
+    return Path(home).expanduser() if home else Path(os.path.expanduser("~")) / ".cache" / "flaxsst"
 
 
 def output_folder(value: str | os.PathLike, flag: str) -> Path:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from flaxsst import cli
 from flaxsst.errors import ConfigError, DataError
-from flaxsst.metric_log import METRICS_FILE, read_metrics
+from flaxsst.metric_log import read_metrics
+from flaxsst.workdir import Workdir
 
 TRAIN, EVAL, BEST = "#3a7dc9", "#d0563b", "#2e9d4e"
 
@@ -29,12 +30,12 @@ def plot_workdir(workdir: str | Path, out: str | Path | None = None) -> Path:
     records, or an ``out`` that is no image file, is an error before anything is written."""
     import matplotlib.pyplot as plt
 
-    workdir = Path(workdir)
+    layout = Workdir(workdir)
     records = read_metrics(workdir)
     if not records["train"] and not records["eval"]:
-        raise DataError(f"{workdir / METRICS_FILE} holds no train or eval records yet; nothing to plot")
-    out = _image_file(out) if out is not None else workdir / "curves.png"
-    fig = draw_curves(records, str(workdir))
+        raise DataError(f"{layout.metrics} holds no train or eval records yet; nothing to plot")
+    out = _image_file(out) if out is not None else layout.curves
+    fig = draw_curves(records, str(layout.root))
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

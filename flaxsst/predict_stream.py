@@ -11,17 +11,16 @@ the chunks finished so far, which come in input order.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from flaxsst.classifier import Classifier, validate_texts
 from flaxsst.errors import DataError, not_utf8
 from flaxsst.metric_log import duration, terminal_columns
 
@@ -142,23 +141,6 @@ class Answers:
             self.tmp.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM ends the command as Ctrl-C does, through ``finally`` blocks (``--output``'s temporary
-    file is removed, the old file stays)."""
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def count_lines(path: str) -> int:
     """Lines of a file (a last line without a newline counts), read in blocks."""
     lines, last = 0, b"\n"
@@ -167,6 +149,27 @@ def count_lines(path: str) -> int:
             lines += block.count(b"\n")
             last = block[-1:]
     return lines + (last != b"\n")
+
+
+def read_request(raw: str, source: str = "stdin") -> list[str]:
+    """JSON ``{"input_data": [...]}`` (the model card's endpoint format), a JSON list of texts, or
+    one text per line. A bad request is a ``DataError`` naming ``source``."""
+    stripped = raw.lstrip()
+    if stripped.startswith(("{", "[")):
+        try:
+            request = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source} starts with {stripped[0]!r} but is not valid JSON: {e}") from None
+        if isinstance(request, dict):
+            if "input_data" not in request:
+                raise DataError(f'{source}: a JSON object must be {{"input_data": [...]}}; got keys {sorted(request)}')
+            request = request["input_data"]
+    else:
+        request = raw.splitlines()
+    try:
+        return validate_texts(request)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{source}: {e}") from None
 
 
 def _read_lines(stream: IO[bytes], slots: queue.Queue) -> None:
@@ -220,12 +223,10 @@ def line_chunks(stream: IO[bytes], first: list[bytes], chunk_lines: int, source:
             yield texts
 
 
-def predict_stream(clf, stream: IO[bytes], source: str, form: str = "auto", output: str | None = None,
-                   total: int | None = None, chunk_lines: int | None = None, progress_stream: IO | None = None) -> int:
+def predict_stream(clf: Classifier, stream: IO[bytes], source: str, form: str = "auto", output: str | None = None,
+                   total: int | None = None) -> int:
     """Answer the request on ``stream`` (see the module's docstring) to stdout or ``output``;
     -> the number of texts answered. ``total``: the lines expected, for the ETA."""
-    from flaxsst.predict import read_request
-
     if form not in FORMATS:
         raise DataError(f"--format {form}: expected one of {list(FORMATS)}")
     first: list[bytes] = []
@@ -247,8 +248,8 @@ def predict_stream(clf, stream: IO[bytes], source: str, form: str = "auto", outp
             texts = read_request(raw_text, source)
             answers.write(clf(texts))
         else:
-            chunk_lines = chunk_lines or max(8 * clf.batch_size, 256)
-            progress = Progress(total, progress_stream)
+            chunk_lines = max(8 * clf.batch_size, 256)
+            progress = Progress(total)
             for texts in line_chunks(stream, first, chunk_lines, source):
                 answers.write(clf.predictions(clf.logits_of_ids(clf.encode(texts))))
                 progress.update(len(texts))

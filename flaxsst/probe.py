@@ -350,7 +350,7 @@ def model_label(model: str) -> str:
 def run_probe(model: str, templates: list[str], fillers: Fillers, output: Path, dtype: str = "float32",
               batch_size: int | None = None) -> dict:
     """Score, write ``probe.csv``, ``summary.json`` and ``probe.png`` to ``output``; -> the summary."""
-    from flaxsst.predict import Classifier
+    from flaxsst.classifier import Classifier
 
     classifier = Classifier.from_pretrained(model, dtype=dtype, batch_size=batch_size, key="--model")
     rows = score(classifier, templates, fillers)

@@ -42,19 +42,21 @@ def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(rng, step), jax.lax.axis_index(AXIS))
 
 
-def _loss_and_logits(params, batch, key, *, model: nn.Module, groups: ParamGroups, deterministic: bool):
+def loss_and_logits(params: Any, batch: dict, key: jax.Array, *, model: nn.Module,
+                    groups: ParamGroups) -> tuple[jax.Array, jax.Array]:
+    """This device's training loss, summed over its real rows (dropout on, keyed by ``key``), and its
+    logits ``[rows, num_labels]``; differentiated with respect to ``params`` by ``train_step``."""
     logits = model.apply({"params": groups.view(params)}, batch["input_ids"], batch["attention_mask"],
-                         deterministic=deterministic, rngs={"dropout": key})
+                         deterministic=False, rngs={"dropout": key})
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     return jnp.sum(losses * batch["weights"]), logits
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, groups: ParamGroups,
-               optimizer: optax.GradientTransformation, schedule: Callable,
-               deterministic: bool = False) -> tuple[TrainState, dict]:
+               optimizer: optax.GradientTransformation, schedule: Callable) -> tuple[TrainState, dict]:
     """One optimizer step on this device's rows of a global batch (inside ``pmap`` over ``AXIS``)."""
-    (loss_sum, logits), grads = jax.value_and_grad(_loss_and_logits, has_aux=True)(
-        state.params, batch, dropout_key(state.rng, state.step), model=model, groups=groups, deterministic=deterministic)
+    (loss_sum, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(
+        state.params, batch, dropout_key(state.rng, state.step), model=model, groups=groups)
     real = jax.lax.psum(jnp.sum(batch["weights"]), AXIS)
     scale = 1.0 / jnp.maximum(real, 1.0)
     grads = jax.tree_util.tree_map(lambda g: jax.lax.psum(g, AXIS) * scale, grads)

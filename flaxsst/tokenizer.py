@@ -107,7 +107,12 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, max_length: int = 512, **hub_kwargs) -> "Tokenizer":
         """From a HF model folder or hub id: ``tokenizer.json`` if present, else ``vocab.txt``."""
-        folder = resolve_model_dir(name_or_path, **hub_kwargs)
+        return cls.from_folder(resolve_model_dir(name_or_path, **hub_kwargs), max_length)
+
+    @classmethod
+    def from_folder(cls, folder: Path, max_length: int = 512) -> "Tokenizer":
+        """``from_pretrained`` of a local model folder already resolved."""
+        folder = Path(folder)
         lowercase = True
         config_path = folder / "tokenizer_config.json"
         if config_path.is_file():

@@ -10,6 +10,7 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("FLAXSST_COMPILATION_CACHE", "0")
+os.environ.setdefault("FLAXSST_PROGRAM_STORE", "0")  # a test that starts from stored programs turns it on
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

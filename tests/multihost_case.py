@@ -24,9 +24,9 @@ def one_step(process_index: int, process_count: int, devices=None):
     train = TrainSection(learning_rate=1e-2, warmup_steps=0)
     params = init_params(config, 3)
     groups = ParamGroups(params)
-    optimizer = make_optimizer(train, 10, groups.decay_mask())
-    step = pmap_train_step(DistilBertForSequenceClassification(config), groups, optimizer,
-                           linear_warmup_decay(train.learning_rate, 0, 10), devices)
+    schedule = linear_warmup_decay(train.learning_rate, 0, 10)
+    optimizer = make_optimizer(train, schedule, groups.decay_mask())
+    step = pmap_train_step(DistilBertForSequenceClassification(config), groups, optimizer, schedule, devices)
     state = replicate(create_train_state(groups.pack(params), optimizer, seed=0), devices)
     state, metrics = step(state, put_batch(process_slice(batch, process_index, process_count), devices))
     return groups.unpack(unreplicate(state.params)), float(unreplicate(metrics)["examples"])

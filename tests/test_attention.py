@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from flaxsst import attention as attention_module
 from flaxsst import model as model_module
 from flaxsst.attention import attention, supported
 from flaxsst.config import ModelConfig
-from flaxsst.model import DistilBertForSequenceClassification, Precision, init_params
+from flaxsst.model import (DistilBertForSequenceClassification, DistilBertModel, Precision, classification_head,
+                           init_params)
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed: pip install -e '.[tpu]'")
@@ -67,11 +67,23 @@ def test_the_kernels_compute_pytorchs_attention_and_its_gradients(dropout, rate)
         np.testing.assert_allclose(np.asarray(a), b, atol=2e-5, rtol=1e-5, err_msg=name)
 
 
-def _classifier_loss(precision, cls_only=False, attention_dropout=RATE):
+class _AllRowsClassifier(nn.Module):
+    """The classifier with its last block over every position, so every block takes the kernel path."""
+
+    config: ModelConfig
+    precision: Precision
+
+    @nn.compact
+    def __call__(self, ids, mask, deterministic):
+        hidden = DistilBertModel(self.config, self.precision, name="distilbert")(ids, mask, deterministic, cls_only=False)
+        return classification_head(self.config, self.precision, hidden[:, 0], deterministic)
+
+
+def _classifier_loss(precision, attention_dropout=RATE):
     config = ModelConfig(vocab_size=120, dim=HEADS * HEAD_DIM, n_layers=2, n_heads=HEADS, hidden_dim=64,
                          max_position_embeddings=32, dropout=0.1, attention_dropout=attention_dropout)
     params = init_params(config, 0)
-    model = DistilBertForSequenceClassification(config, precision, cls_only=cls_only)
+    model = _AllRowsClassifier(config, precision)
     rng = np.random.default_rng(1)
     ids = jnp.asarray(rng.integers(0, 120, (3, 16)), jnp.int32)
     mask = jnp.asarray(np.arange(16)[None, :] < np.array([[16], [9], [4]]), jnp.int32)
@@ -89,10 +101,10 @@ def test_the_model_on_the_kernel_path_computes_the_einsum_path(monkeypatch, dtyp
     """Training mode, dropout and padding: the TPU path's wiring (layouts, masks, the dropout key) run
     here through the interpreted kernels gives the einsum path's loss and gradients."""
     precision = Precision(dtype)
-    expected_loss, expected = _classifier_loss(precision, cls_only=False)
+    expected_loss, expected = _classifier_loss(precision)
     monkeypatch.setattr(model_module, "_tpu_or_default", lambda args, tpu, default: tpu(*args))
     monkeypatch.setattr(model_module, "tpu_attention", functools.partial(attention, interpret=True))
-    loss, grads = _classifier_loss(precision, cls_only=False)
+    loss, grads = _classifier_loss(precision)
     tolerance = 1e-5 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(float(loss), float(expected_loss), rtol=tolerance)
     largest = max(float(jnp.max(jnp.abs(b))) for b in jax.tree_util.tree_leaves(expected))

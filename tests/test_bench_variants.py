@@ -87,7 +87,8 @@ def test_allrows_variant_trains_as_the_cls_only_classifier():
     of the last block draw dropout bits too), four steps with the last block over every position
     end where the [CLS]-only classifier does."""
     config = config_from_hf(tiny_hf_config(120).to_dict())[0]
-    assert step_variants.model_for("grouped", config).cls_only and not step_variants.model_for("allrows", config).cls_only
+    assert not isinstance(step_variants.model_for("grouped", config), step_variants.AllRowsClassifier)
+    assert isinstance(step_variants.model_for("allrows", config), step_variants.AllRowsClassifier)
     expected, expected_norms = _run("grouped", dropout=0.0)
     got, norms = _run("allrows", dropout=0.0)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
@@ -108,7 +109,7 @@ def test_variant_names_are_parsed_and_bad_ones_named():
 
 def test_packed_classifier_equals_the_classifier(tiny_model_dir):
     from bench import classifier_variants
-    from flaxsst.predict import Classifier
+    from flaxsst.classifier import Classifier
 
     texts = ["a good film", "", "bad " * 300, "so-so, really", "x"]
     base = Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=64)

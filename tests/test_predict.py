@@ -74,7 +74,7 @@ def compiled(clf: Classifier) -> int:
 
 def test_without_packed_dots_a_small_cpu_batch_runs_xla_dots_and_gives_the_transformers_logits(tiny_model_dir,
                                                                                                monkeypatch):
-    monkeypatch.setattr("flaxsst.packed_dot.load", lambda: None)
+    monkeypatch.setattr("flaxsst.packed_dot.load", lambda build=True: None)
     clf = Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=64)
     if clf.small_forward is None:
         pytest.skip("this jaxlib has no YNNPACK fusion option: every CPU program uses the same dots")
@@ -155,7 +155,7 @@ def test_bfloat16_logits_follow_pytorch_autocast(tiny_model_dir):
 
 def test_bfloat16_inference_params_keep_the_layer_norms_in_float32(tiny_model_dir):
     from flaxsst.convert import load_pretrained
-    from flaxsst.predict import inference_params
+    from flaxsst.classifier import inference_params
 
     _, params = load_pretrained(tiny_model_dir)
     cast = inference_params(params, "bfloat16")
@@ -260,4 +260,4 @@ def test_a_script_beside_a_folder_named_flaxsst_imports_the_package(tmp_path):
     result = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "flaxsst.predict"
+    assert result.stdout.strip() == "flaxsst.classifier"

@@ -44,7 +44,9 @@ def assert_same_predictions(got: list[dict], clf: Classifier, texts: list[str]) 
 
 def test_ready_is_503_until_every_program_is_warm_then_200(server, clf):
     assert server.first_ready.status_code == 503
-    assert server.first_ready.json() == {"status": "warming up", "programs": len(clf.program_shapes())}
+    warming = server.first_ready.json()
+    assert warming["status"] == "warming up" and warming["programs"] == len(clf.program_shapes())
+    assert 0 <= warming["done"] < warming["programs"] and warming["elapsed_s"] >= 0 and "eta_s" in warming
     ready = httpx.get(f"{server.url}/ready")
     assert ready.status_code == 200 and ready.json()["programs"] == len(clf.program_shapes())
     assert "ready: 12 programs warm" in server.stderr()
@@ -133,13 +135,32 @@ def test_a_bad_request_is_a_json_error_naming_the_problem_and_the_server_keeps_s
     assert_same_predictions(httpx.post(f"{server.url}/score", json=CARD).json(), clf, CARD)
 
 
-def test_a_streamed_body_over_the_limit_is_413_without_reading_it_all(server):
+def test_a_streamed_body_over_the_limit_is_413(server):
     def chunks():
         for _ in range(40):
             yield b'"' + b"x" * 1000 + b'",'
 
     response = httpx.post(f"{server.url}/score", content=chunks())  # chunked: no Content-Length
     assert response.status_code == 413 and "--max-body-bytes 20000" in response.json()["error"]
+
+
+def test_a_client_that_sends_all_of_a_body_over_the_limit_before_reading_gets_the_413(server):
+    """urllib writes the whole body, then reads: the server reads (and drops) the rest before it answers,
+    so the client gets the 413 and not a connection reset."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"input_data": ["x" * 1000] * 16000}).encode()  # 16 MB against --max-body-bytes 20000
+    request = urllib.request.Request(f"{server.url}/score", data=body, headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=30)
+    assert answer.value.code == 413 and "--max-body-bytes 20000" in json.loads(answer.value.read())["error"]
+
+
+def test_json_nested_too_deeply_is_400_not_500(server, clf):
+    response = httpx.post(f"{server.url}/score", content=b"[" * 9000 + b"]" * 9000)
+    assert response.status_code == 400 and "nested too deeply" in response.json()["error"], response.text
+    assert_same_predictions(httpx.post(f"{server.url}/score", json=CARD).json(), clf, CARD)
 
 
 def test_predict_names_a_wrong_request(server):
@@ -167,6 +188,18 @@ def test_every_answer_has_timing_headers_and_metrics_count_them(server):
                    'flaxsst_request_seconds_bucket{le="0.1",route="/score"}', "flaxsst_queue_requests",
                    "flaxsst_ready 1.0"):
         assert series in text, series
+
+
+def test_nothing_compiles_while_serving_whatever_the_batch_shape(server, clf):
+    """Requests of every length (1 to 16 tokens) and many sizes, alone and at once, take only programs the
+    warm-up readied: the server counts every XLA compile after /ready turned 200, and there is none."""
+    words = [" ".join(["word"] * n) for n in range(0, 20)]
+    bodies = [{"input_data": words[:k]} for k in range(1, 20)] + [{"input_data": [w]} for w in words]
+    responses = run_async(post_all(f"{server.url}/score", bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    for body, response in zip(bodies, responses):
+        assert_same_predictions(response.json(), clf, body["input_data"])
+    assert "flaxsst_compiles_while_serving 0.0" in httpx.get(f"{server.url}/metrics").text
 
 
 def test_openapi_schema_and_docs_describe_the_routes(server):

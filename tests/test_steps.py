@@ -53,9 +53,9 @@ def _batch(rows, real, seq=24, seed=0):
 def _run_steps(config, params, batches, n_devices, train, total):
     devices = jax.devices()[:n_devices]
     groups = ParamGroups(params)
-    optimizer = make_optimizer(train, total, groups.decay_mask())
-    step = pmap_train_step(DistilBertForSequenceClassification(config), groups, optimizer,
-                           linear_warmup_decay(train.learning_rate, train.warmup_steps, total), devices)
+    schedule = linear_warmup_decay(train.learning_rate, train.warmup_steps, total)
+    optimizer = make_optimizer(train, schedule, groups.decay_mask())
+    step = pmap_train_step(DistilBertForSequenceClassification(config), groups, optimizer, schedule, devices)
     state = replicate(create_train_state(groups.pack(params), optimizer, seed=0), devices)
     history = []
     for batch in batches:

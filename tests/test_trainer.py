@@ -194,7 +194,7 @@ def test_the_load_report_is_logged_once(tmp_path, vocab_file, caplog):
     initialised head is reported once, by the trainer, not again by the loader."""
     import transformers
 
-    from flaxsst.trainer import build_model, build_tokenizer
+    from flaxsst.run_setup import build_model, build_tokenizer
     from tests.fixtures import tiny_hf_config
 
     transformers.DistilBertModel(tiny_hf_config(len(vocab_file.read_text().splitlines()))).save_pretrained(tmp_path)

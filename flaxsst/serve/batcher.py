@@ -1,11 +1,12 @@
-"""Dynamic batching: the texts of concurrent requests share the model's batches.
+"""Dynamic batching: the queue the texts of concurrent requests wait in, and its batching rule.
 
 Requests ``submit`` their token ids from any thread (the event loop, or a WSGI server's threads)
-and get a ``concurrent.futures.Future``. One inference thread owns every JAX call: it takes the
-oldest waiting texts up to ``max_batch_texts`` rows and ``max_batch_tokens`` tokens, waiting at
-most ``max_delay_s`` after the oldest arrived for the batch to fill, runs one
-``Classifier.logits_of_ids`` and hands each request its own rows, in its own order. A request
-larger than one batch spans several; a cancelled future's texts that have not started are dropped.
+and get a ``concurrent.futures.Future``. The one thread that runs the model (``flaxsst.serve.service``)
+calls ``next_batch``: the oldest waiting texts up to ``max_batch_texts`` rows and
+``max_batch_tokens`` tokens, waiting at most ``max_delay_s`` after the oldest arrived for the batch
+to fill; ``finish`` hands each request its own rows of the batch's logits, in its own order. A
+request larger than one batch spans several; a cancelled future's texts that have not started are
+dropped.
 """
 
 from __future__ import annotations
@@ -13,17 +14,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import logging
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from flaxsst.errors import ConfigError
-
-log = logging.getLogger("flaxsst.serve")
-
 
 class QueueFull(Exception):
     """More requests are waiting than ``max_queue``: the caller answers 429."""
@@ -50,53 +47,29 @@ class Job:
     batch_requests: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchStats:
-    """What one batch ran: passed to ``on_batch`` for the metrics."""
-
-    texts: int
-    tokens: int
-    requests: int
-    seconds: float
-
+Piece = tuple[Job, int, int]  # a request's texts [start, stop) in one batch
 
 class Batcher:
-    """Shared batches over one ``Classifier`` (``classifier.logits_of_ids`` is the only model call).
+    """The waiting requests of one model with ``num_labels`` outputs. ``stop()`` takes no new
+    requests; ``next_batch`` returns ``None`` once stopped and empty."""
 
-    ``start()`` runs ``classifier.warm_up()`` on the inference thread and then serves; ``ready`` is set
-    once every program is warm. ``stop()`` answers everything submitted and ends the thread.
-    """
-
-    def __init__(self, classifier, *, max_batch_texts: int, max_batch_tokens: int, max_delay_s: float,
-                 max_queue: int, on_batch: Callable[[BatchStats], None] | None = None):
+    def __init__(self, num_labels: int, *, max_batch_texts: int, max_batch_tokens: int, max_delay_s: float,
+                 max_queue: int):
         for name, value in (("max_batch_texts", max_batch_texts), ("max_batch_tokens", max_batch_tokens),
                             ("max_queue", max_queue)):
             if value < 1:
                 raise ConfigError(f"{name}={value} must be at least 1")
         if max_delay_s < 0:
             raise ConfigError(f"max_delay_s={max_delay_s} must be 0 or more")
-        self.classifier = classifier
-        self.num_labels = classifier.config.num_labels
+        self.num_labels = num_labels
         self.max_batch_texts = max_batch_texts
         self.max_batch_tokens = max_batch_tokens
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
-        self.on_batch = on_batch
-        self.ready = threading.Event()
-        self.programs = 0
-        self.warm_up_s: float | None = None
         self._waiting: collections.deque[Job] = collections.deque()
         self._waiting_texts = 0
         self._condition = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Start the inference thread (once; a second call does nothing)."""
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="flaxsst-inference", daemon=True)
-        self._thread.start()
 
     def queue_depth(self) -> tuple[int, int]:
         """``(requests, texts)`` waiting for a batch."""
@@ -116,31 +89,22 @@ class Batcher:
             if self._stopping:
                 raise Stopped("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
+                self._drop_cancelled()  # a request that timed out holds no place
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting")
             self._waiting.append(job)
             self._waiting_texts += len(ids)
             self._condition.notify()
         return job.future
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Take no new requests, answer the waiting ones, and end the inference thread."""
+    def stop(self) -> None:
+        """Take no new requests; the waiting ones still come out of ``next_batch``."""
         with self._condition:
             self._stopping = True
-            self._condition.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+            self._condition.notify_all()
 
-    def _run(self) -> None:
-        started = time.perf_counter()
-        self.programs = self.classifier.warm_up()
-        self.warm_up_s = time.perf_counter() - started
-        log.info("ready: %d programs warm in %.1f s", self.programs, self.warm_up_s)
-        self.ready.set()
-        while (batch := self._next_batch()) is not None:
-            self._run_batch(batch)
-
-    def _next_batch(self) -> list[tuple[Job, int, int]] | None:
-        """``(job, start, stop)`` pieces of the next batch, oldest texts first; ``None`` once stopped and empty."""
+    def next_batch(self) -> list[Piece] | None:
+        """The pieces of the next batch, oldest texts first; ``None`` once stopped and empty."""
         with self._condition:
             while True:
                 self._drop_cancelled()
@@ -173,7 +137,7 @@ class Batcher:
                 tokens += len(seq)
         return texts, tokens
 
-    def _take(self) -> list[tuple[Job, int, int]]:
+    def _take(self) -> list[Piece]:
         pieces = []
         texts = tokens = 0
         while self._waiting:
@@ -196,21 +160,19 @@ class Batcher:
             self._waiting.popleft()
         return pieces
 
-    def _run_batch(self, pieces: list[tuple[Job, int, int]]) -> None:
+    @staticmethod
+    def ids_of(pieces: list[Piece]) -> list[Sequence[int]]:
+        """The token ids of a batch, piece after piece; marks each request's wait for its first batch."""
         now = time.perf_counter()
         ids = []
         for job, start, stop in pieces:
             if job.queue_s is None:
                 job.queue_s = now - job.submitted
             ids.extend(job.ids[start:stop])
-        try:
-            logits = self.classifier.logits_of_ids(ids, progress=False)
-        except Exception as error:  # a bug of ours: every request in the batch fails with it (a 500)
-            log.exception("inference failed on a batch of %d texts", len(ids))
-            for job, _, _ in pieces:
-                self._settle(job, error)
-            return
-        seconds = time.perf_counter() - now
+        return ids
+
+    def finish(self, pieces: list[Piece], logits: np.ndarray, seconds: float) -> None:
+        """Hand each piece its rows of the batch's ``logits``; a request with all its rows is answered."""
         row = 0
         for job, start, stop in pieces:
             job.logits[start:stop] = logits[row : row + stop - start]
@@ -219,16 +181,20 @@ class Batcher:
             job.batch_requests = max(job.batch_requests, len(pieces))
             job.remaining -= stop - start
             if job.remaining == 0:
-                self._settle(job)
-        if self.on_batch is not None:
-            self.on_batch(BatchStats(len(ids), sum(len(seq) for seq in ids), len(pieces), seconds))
+                _settle(job)
 
     @staticmethod
-    def _settle(job: Job, error: BaseException | None = None) -> None:
-        try:
-            if error is None:
-                job.future.set_result(job)
-            else:
-                job.future.set_exception(error)
-        except concurrent.futures.InvalidStateError:  # cancelled by its caller (timed out) meanwhile
-            pass
+    def fail(pieces: list[Piece], error: BaseException) -> None:
+        """Every request of the batch fails with ``error``."""
+        for job, _, _ in pieces:
+            _settle(job, error)
+
+
+def _settle(job: Job, error: BaseException | None = None) -> None:
+    try:
+        if error is None:
+            job.future.set_result(job)
+        else:
+            job.future.set_exception(error)
+    except concurrent.futures.InvalidStateError:  # cancelled by its caller (timed out) meanwhile
+        pass

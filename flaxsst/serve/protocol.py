@@ -1,5 +1,5 @@
-"""The two request formats, read from a JSON body into texts; every mistake a ``ClientError``
-with the HTTP status to answer and one line naming the key or index.
+"""The request formats, read from a JSON body into texts (every mistake a ``Rejected`` with one line
+naming the key or index), and the HTTP answer to each reason a request is refused (``HTTP_STATUS``).
 
 - the model card's endpoint (``POST /score``, and Azure ML's ``run``): ``{"input_data": [...]}``
   or a top-level JSON list of texts -> ``[{"label", "score"}, ...]``;
@@ -18,15 +18,25 @@ from typing import Any
 import numpy as np
 
 from flaxsst.metrics import softmax
+from flaxsst.serve.service import INVALID, MALFORMED, OVERLOADED, STOPPING, TIMEOUT, TOO_LARGE, Rejected
 
 
-class ClientError(Exception):
-    """A request the client can fix: ``status`` (400, 413, 422, ...) and a one-line message."""
+# The HTTP status and error_type of each reason a request is refused.
+HTTP_STATUS = {
+    MALFORMED: (400, "Validation"),
+    TOO_LARGE: (413, "Payload"),
+    INVALID: (422, "Validation"),
+    OVERLOADED: (429, "Overloaded"),
+    STOPPING: (503, "Unhealthy"),
+    TIMEOUT: (504, "Timeout"),
+}
 
-    def __init__(self, status: int, message: str, error_type: str = "Validation"):
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
+
+def http_error(error: Rejected, retry_after_s: int) -> tuple[int, dict[str, str], dict[str, str]]:
+    """``(status, {"error", "error_type"}, headers)`` of a refused request: every HTTP front end's answer."""
+    status, error_type = HTTP_STATUS[error.reason]
+    headers = {"Retry-After": str(retry_after_s)} if error.reason == OVERLOADED else {}
+    return status, {"error": str(error), "error_type": error_type}, headers
 
 
 def read_json(body: bytes) -> Any:
@@ -34,11 +44,13 @@ def read_json(body: bytes) -> Any:
     try:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ClientError(400, f"the body is not UTF-8 text (byte {body[e.start]:#04x} at offset {e.start})") from None
+        raise Rejected(MALFORMED, f"the body is not UTF-8 text (byte {body[e.start]:#04x} at offset {e.start})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ClientError(400, f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise Rejected(MALFORMED, f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:  # Python's decoder recurses once per nested list or object
+        raise Rejected(MALFORMED, "the body is JSON nested too deeply to read (a list of texts needs two levels)") from None
 
 
 def check_texts(texts: Any, where: str) -> list[str]:
@@ -46,10 +58,10 @@ def check_texts(texts: Any, where: str) -> list[str]:
     if isinstance(texts, str):
         return [texts]
     if not isinstance(texts, list):
-        raise ClientError(422, f"{where} must be a list of strings, got {json_type(texts)}")
+        raise Rejected(INVALID, f"{where} must be a list of strings, got {json_type(texts)}")
     for index, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ClientError(422, f"{where}[{index}] is {json_type(text)}, expected a string")
+            raise Rejected(INVALID, f"{where}[{index}] is {json_type(text)}, expected a string")
     return texts
 
 
@@ -68,11 +80,11 @@ def score_texts(request: Any) -> list[str]:
     """The texts of a card request: ``{"input_data": [...]}`` or a JSON list of texts."""
     if isinstance(request, dict):
         if "input_data" not in request:
-            raise ClientError(422, f'a JSON object must be {{"input_data": [...]}}; got keys {sorted(request)}')
+            raise Rejected(INVALID, f'a JSON object must be {{"input_data": [...]}}; got keys {sorted(request)}')
         return check_texts(request["input_data"], "input_data")
     if isinstance(request, list):
         return check_texts(request, "the body")
-    raise ClientError(422, f'the body must be {{"input_data": [...]}} or a list of strings, got {json_type(request)}')
+    raise Rejected(INVALID, f'the body must be {{"input_data": [...]}} or a list of strings, got {json_type(request)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,21 +100,21 @@ def predict_request(request: Any) -> PredictRequest:
     """A TEI classification request (``inputs``, ``raw_scores``, ``truncate``, ``truncation_direction``)."""
     if not isinstance(request, dict) or "inputs" not in request:
         got = f"keys {sorted(request)}" if isinstance(request, dict) else json_type(request)
-        raise ClientError(422, f'the body must be {{"inputs": "text" | ["text", ...]}}; got {got}')
+        raise Rejected(INVALID, f'the body must be {{"inputs": "text" | ["text", ...]}}; got {got}')
     for key in ("raw_scores", "truncate"):
         if not isinstance(request.get(key, False), bool):
-            raise ClientError(422, f"{key} must be true or false, got {json_type(request[key])}")
+            raise Rejected(INVALID, f"{key} must be true or false, got {json_type(request[key])}")
     direction = request.get("truncation_direction", "right")
     if direction not in ("right", "Right"):
-        raise ClientError(422, f"truncation_direction={direction!r}: this server truncates on the right only")
+        raise Rejected(INVALID, f"truncation_direction={direction!r}: this server truncates on the right only")
     inputs = request["inputs"]
     raw_scores = request.get("raw_scores", False)
     if isinstance(inputs, str):
         return PredictRequest([inputs], True, raw_scores)
     if not isinstance(inputs, list):
-        raise ClientError(422, f"inputs must be a string or a list, got {json_type(inputs)}")
+        raise Rejected(INVALID, f"inputs must be a string or a list, got {json_type(inputs)}")
     if len(inputs) == 2 and all(isinstance(item, str) for item in inputs):
-        raise ClientError(422, 'inputs of two strings is a sentence pair (as in text-embeddings-inference), which '
+        raise Rejected(INVALID, 'inputs of two strings is a sentence pair (as in text-embeddings-inference), which '
                                'this single-sentence model does not take; send a batch as [["text"], ["text"]]')
     if len(inputs) == 1 and isinstance(inputs[0], str):
         return PredictRequest(inputs, True, raw_scores)
@@ -111,9 +123,9 @@ def predict_request(request: Any) -> PredictRequest:
         if isinstance(item, list) and len(item) == 1:
             item = item[0]
         elif isinstance(item, list) and len(item) == 2 and all(isinstance(part, str) for part in item):
-            raise ClientError(422, f"inputs[{index}] is a sentence pair, which this single-sentence model does not take")
+            raise Rejected(INVALID, f"inputs[{index}] is a sentence pair, which this single-sentence model does not take")
         if not isinstance(item, str):
-            raise ClientError(422, f"inputs[{index}] is {json_type(item)}, expected a string or a list of one string")
+            raise Rejected(INVALID, f"inputs[{index}] is {json_type(item)}, expected a string or a list of one string")
         texts.append(item)
     return PredictRequest(texts, False, raw_scores)
 

@@ -2,8 +2,11 @@
 
 Start-up: the model loads before the port opens (a model that cannot load is one line ``error:
 ...`` and exit 2, as is a port that cannot be bound); then the port opens with ``/health`` alive and
-``/ready`` 503 while every program the batcher uses compiles (or loads from the compilation cache)
-and runs once; ``/ready`` is 200 from then on, and nothing compiles while serving.
+``/ready`` 503 (its body: programs done of the total, elapsed seconds, an ETA; a log line every 5 s)
+while every program the server runs is loaded from the program store or compiled and stored;
+``/ready`` is 200 from then on, and nothing compiles while serving (``/metrics`` counts it if
+anything does). ``--prepare`` does the compiling and builds the packed-dot kernel ahead of time and
+exits, for a container image or a volume; the server itself never builds the kernel.
 
 Shutdown: SIGTERM or Ctrl-C makes ``/ready`` 503 at once; the listener stays open for
 ``--drain-grace-s`` (load balancers see the 503 and stop sending), then closes; every request
@@ -24,14 +27,11 @@ from typing import Sequence
 
 from flaxsst import cli
 from flaxsst.errors import ConfigError, FlaxsstError
+from flaxsst.serve.service import Settings
+from flaxsst.signals import handling
 
 log = logging.getLogger("flaxsst.serve")
-
-# On a CPU a shared batch holds several of Classifier's batches: it sorts them by length before it cuts
-# them, so each is padded close to its own texts (a batch of 24 texts in arrival order pads to the
-# longest of 24 random lengths, ~2x the tokens SST-2 needs), and runs two of them at once.
-CPU_DEFAULTS = {"batches_per_call": 5, "max_batch_tokens": 4096, "max_batch_delay_ms": 2.0}
-ACCELERATOR_DEFAULTS = {"batches_per_call": 1, "max_batch_tokens": 16384, "max_batch_delay_ms": 1.0}
+DEFAULTS = Settings()
 
 
 class DrainingServer:
@@ -46,17 +46,13 @@ class DrainingServer:
         class Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self):  # uvicorn's re-raises the signal after shutdown: here a drain is a clean exit
-                handled = (signal.SIGINT, signal.SIGTERM)
-                previous = {sig: signal.signal(sig, outer.handle_signal) for sig in handled}
-                try:
+                with handling(outer.handle_signal):
                     yield
-                finally:
-                    for sig, handler in previous.items():
-                        signal.signal(sig, handler)
 
         self.server = Server(config)
         self.grace_s = grace_s
         self.draining = draining
+        self.failed = False
 
     def handle_signal(self, sig: int, frame) -> None:
         if self.draining.is_set():
@@ -71,6 +67,11 @@ class DrainingServer:
 
     def close(self) -> None:
         self.server.should_exit = True
+
+    def fail(self) -> None:
+        """The model cannot serve (its warm-up failed): stop at once, and ``run`` returns False."""
+        self.failed = True
+        self.server.should_exit = self.server.force_exit = True
 
     def run(self, sockets: list[socket.socket]) -> bool:
         """Serve until drained; ``False`` when a second Ctrl-C cut the drain short."""
@@ -123,32 +124,53 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         raise FlaxsstError("python -m flaxsst.serve needs the serve extra: pip install 'flaxsst[serve]'") from None
 
-    from flaxsst import Classifier
-    from flaxsst.serve.app import Limits, create_app
-    from flaxsst.serve.batcher import Batcher
+    from flaxsst.serve.app import create_app
+    from flaxsst.serve.metrics import Metrics
+    from flaxsst.serve.service import Service, load_classifier
 
-    clf = Classifier.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size,
-                                     max_length=args.max_length, length_step=args.length_step, key="--model")
-    defaults = CPU_DEFAULTS if jax.default_backend() == "cpu" else ACCELERATOR_DEFAULTS
-    max_batch_texts = args.max_batch_texts or defaults["batches_per_call"] * clf.batch_size
-    max_batch_tokens = args.max_batch_tokens or defaults["max_batch_tokens"]
-    delay_ms = defaults["max_batch_delay_ms"] if args.max_batch_delay_ms is None else args.max_batch_delay_ms
-    batcher = Batcher(clf, max_batch_texts=max_batch_texts, max_batch_tokens=max_batch_tokens,
-                      max_delay_s=delay_ms / 1e3, max_queue=args.max_queue)
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, timeout_s=args.timeout_ms / 1e3)
+    clf = load_classifier(args.model, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length,
+                          length_step=args.length_step, build_kernel=args.prepare)
+    if args.prepare:
+        return prepare(clf)
+    settings = Settings(max_batch_texts=args.max_batch_texts, max_batch_tokens=args.max_batch_tokens,
+                        max_batch_delay_ms=args.max_batch_delay_ms, max_queue=args.max_queue, max_texts=args.max_texts,
+                        max_body_bytes=args.max_body_bytes, timeout_ms=args.timeout_ms,
+                        ).resolved(jax.default_backend(), clf.batch_size)
+    metrics = Metrics()
+    service = Service(clf, settings, on_batch=metrics.observe_batch, on_fatal=lambda error: server.fail())
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     draining = threading.Event()
-    app = create_app(clf, batcher, limits, draining=draining.is_set, stop_timeout_s=limits.timeout_s + 5)
+    app = create_app(service, metrics, draining=draining.is_set, stop_timeout_s=settings.timeout_s + 5)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=int(limits.timeout_s + 5), timeout_keep_alive=30)
+                            timeout_graceful_shutdown=int(settings.timeout_s + 5), timeout_keep_alive=30)
     server = DrainingServer(config, args.drain_grace_s, draining)
     log.info("listening on http://%s:%d (%s, batches of up to %d texts / %d tokens, %.1f ms delay); warming up "
-             "%d programs", host if ":" not in host else f"[{host}]", port, jax.default_backend(), max_batch_texts,
-             max_batch_tokens, delay_ms, len(clf.program_shapes()))
+             "%d programs", host if ":" not in host else f"[{host}]", port, jax.default_backend(),
+             settings.max_batch_texts, settings.max_batch_tokens, settings.max_batch_delay_ms,
+             service.warm_up.total)
     drained = server.run([sock])
+    if server.failed:
+        raise FlaxsstError("the warm-up failed (the traceback is above); nothing was served")
     log.info("stopped" if drained else "stopped without draining (second Ctrl-C)")
     return cli.EXIT_OK if drained else cli.EXIT_INTERRUPTED
+
+
+def prepare(clf) -> int:
+    """``--prepare``: every program the server runs compiled into the program store, and the packed-dot
+    kernel built, so that a later start with the same flags loads them (a container image's build step)."""
+    import time
+
+    from flaxsst import packed_dot, program_store
+    from flaxsst.serve.service import WarmUp, log_warm_up
+
+    progress = WarmUp(len(clf.program_shapes()))
+    clf.warm_up(log_warm_up(progress))
+    seconds = time.perf_counter() - progress.started
+    where = program_store.ProgramStore(clf.store_key).folder if program_store.enabled() else "nowhere (FLAXSST_PROGRAM_STORE=0)"
+    log.info("prepared: %d programs in %.1f s, stored in %s; packed-dot kernel: %s", progress.total, seconds, where,
+             f"{packed_dot.kernel_dir()} ({clf.packed_lanes} lanes)" if clf.packed_lanes else "not used here")
+    return cli.EXIT_OK
 
 
 def parser() -> cli.ArgumentParser:
@@ -169,10 +191,14 @@ def parser() -> cli.ArgumentParser:
                    help="tokens in one shared batch (default: 4096 on a CPU, 16384 elsewhere)")
     p.add_argument("--max-batch-delay-ms", type=non_negative_float, default=None,
                    help="how long the oldest waiting text waits for a batch to fill (default: 2 on a CPU, 1 elsewhere)")
-    p.add_argument("--max-queue", type=positive(int), default=256, help="requests waiting before 429")
-    p.add_argument("--max-texts", type=positive(int), default=1024, help="texts in one request before 413")
-    p.add_argument("--max-body-bytes", type=positive(int), default=4 * 1024 * 1024, help="body size before 413")
-    p.add_argument("--timeout-ms", type=positive(float), default=30000, help="time to answer before 504")
+    p.add_argument("--max-queue", type=positive(int), default=DEFAULTS.max_queue, help="requests waiting before 429")
+    p.add_argument("--max-texts", type=positive(int), default=DEFAULTS.max_texts, help="texts in one request before 413")
+    p.add_argument("--max-body-bytes", type=positive(int), default=DEFAULTS.max_body_bytes, help="body size before 413")
+    p.add_argument("--timeout-ms", type=positive(float), default=DEFAULTS.timeout_ms, help="time to answer before 504")
+    p.add_argument("--prepare", action="store_true",
+                   help="compile every program these flags make into the program store and build the packed-dot "
+                        "kernel, then exit, so a later start with the same flags is ready in seconds (run it when "
+                        "building a container image; FLAXSST_HOME names the folder)")
     p.add_argument("--drain-grace-s", type=non_negative_float, default=2.0,
                    help="after SIGTERM or Ctrl-C, how long the listener stays open with /ready 503")
     return p

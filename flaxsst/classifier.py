@@ -1,0 +1,292 @@
+"""``Classifier``: texts in, Hugging Face pipeline-style predictions out.
+
+>>> clf = Classifier.from_pretrained("distilbert-base-uncased-finetuned-sst-2-english")
+>>> clf(["Today was an amazing day!"])
+[{'label': 'POSITIVE', 'score': 0.9998...}]
+
+Inputs are sorted by length, cut into batches, and each batch is padded to one of a fixed
+set of shapes close to what it needs (``flaxsst.batching``: on a CPU 24 texts padded by less than
+1/8 of the longest's length, with no padding rows), so repeated calls reuse compiled programs. On
+a CPU two batches run at once (``CPU_CONCURRENT_BATCHES``), and float32 dense layers run
+``flaxsst.packed_dot``. Results come back in input order.
+
+The inference core: the predict command line (``flaxsst.predict``), the server (``flaxsst.serve``),
+the bias probe and the benches all call it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax._src import config as jax_config  # the compilation cache's per-thread switch
+import numpy as np
+from tqdm.auto import tqdm
+
+from flaxsst import packed_dot
+from flaxsst.batching import BatchShapes
+from flaxsst.config import ModelConfig
+from flaxsst.errors import ConfigError
+from flaxsst.metrics import softmax
+from flaxsst.model import DistilBertForSequenceClassification, Precision
+from flaxsst.program_store import ProgramStore, program_key
+from flaxsst.program_store import enabled as store_enabled
+from flaxsst.runtime import enable_compilation_cache
+from flaxsst.tokenizer import Tokenizer, pad_right
+
+# Batches a CPU runs at once, each from its own thread: XLA:CPU keeps both cores of a 2-core machine
+# busier with two programs than with one (5-9% more texts/s on the SST-2 dev set, bench/RESULTS.md).
+# An accelerator queues its launches already.
+CPU_CONCURRENT_BATCHES = 2
+
+# Where the packed dots cannot run (flaxsst.packed_dot.load), a float32 CPU batch of at most this many
+# tokens (one sentence) runs XLA's own dot kernels instead of YNNPACK fusions: 9-18% faster on 10-22
+# tokens, slower from 24 (bench/RESULTS.md). The option leaves XLA's YNNPACK fusion list empty.
+CPU_SMALL_BATCH_TOKENS = 22
+CPU_PLAIN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def validate_texts(texts: Any) -> list[str]:
+    """A string is a list of one; every item must be a string (``TypeError`` names the first that is
+    not) of Unicode text (``ValueError`` names the first holding a lone surrogate, as text decoded
+    with ``errors="surrogateescape"`` or JSON's ``"\\ud800"`` does)."""
+    if isinstance(texts, (bytes, bytearray)):
+        raise TypeError(f"expected a string or a list of strings, got {type(texts).__name__}: decode it to str first")
+    if isinstance(texts, str):
+        texts = [texts]
+    if texts is None or not hasattr(texts, "__iter__"):
+        raise TypeError(f"expected a string or a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"input {index} is {type(text).__name__}, expected str")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"input {index} is not Unicode text: a lone surrogate {text[e.start]!r} at character "
+                             f"{e.start} (bytes that were not UTF-8?)") from None
+    return texts
+
+
+class Classifier:
+    """Sequence classification with a flaxsst DistilBERT.
+
+    ``clf(texts)`` -> ``[{"label": ..., "score": ...}, ...]``; ``clf.logits(texts)`` ->
+    float32 ``[n, num_labels]``. ``dtype`` is the compute dtype (``precision`` holds what the model
+    runs with, ``forward`` the jitted ``(params, input_ids, attention_mask) -> logits``).
+    ``batch_size`` and ``length_step`` set the batch shapes (``flaxsst.batching``; default: this
+    backend's), or ``lengths`` lists the padded lengths (``flaxsst.batching.serving_lengths``: a server's);
+    ``concurrent_batches``, how many run at once (default: ``CPU_CONCURRENT_BATCHES`` on a CPU, 1
+    elsewhere). ``build_kernel=False`` uses the packed-dot kernel only if it is built already
+    (``flaxsst.packed_dot``). ``warm_up`` readies every program ahead of the first call; otherwise
+    each compiles on its first use.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: dict,
+        tokenizer: Tokenizer,
+        *,
+        batch_size: int | None = None,
+        max_length: int = 128,
+        length_step: int | None = None,
+        lengths: Sequence[int] | None = None,
+        concurrent_batches: int | None = None,
+        dtype: Any = jnp.float32,
+        build_kernel: bool = True,
+    ):
+        if not 2 <= max_length <= config.max_position_embeddings:
+            raise ConfigError(f"max_length={max_length} must lie in [2, {config.max_position_embeddings}] "
+                              "(the model's max_position_embeddings)")
+        if concurrent_batches is not None and concurrent_batches < 1:
+            raise ConfigError(f"concurrent_batches={concurrent_batches} must be at least 1")
+        enable_compilation_cache()
+        backend = jax.default_backend()
+        if concurrent_batches is None:
+            concurrent_batches = CPU_CONCURRENT_BATCHES if backend == "cpu" else 1
+        self.concurrent_batches = concurrent_batches
+        self.shapes = BatchShapes.for_backend(backend, max_length, batch_size, length_step, lengths)
+        self.config = config
+        self.tokenizer = Tokenizer(tokenizer.backend, max_length, tokenizer.lowercase)
+        self.batch_size = self.shapes.batch_size
+        self.max_length = max_length
+        precision = Precision(dtype, float32_accumulation=backend == "cpu")
+        params = inference_params(params, precision.dtype)
+        # float32 on a CPU: every dense layer runs flaxsst.packed_dot over kernels packed for it (0.68-0.79x
+        # the time of XLA's and YNNPACK's dots at 1-24 rows, 0.99x at 1536; bench/RESULTS.md); where it
+        # cannot, XLA's dots for the smallest batches and YNNPACK's for the rest
+        cpu_float32 = backend == "cpu" and precision.dtype == jnp.float32
+        self.packed_lanes = (packed_dot.load(build=build_kernel) or 0) if cpu_float32 else 0
+        if self.packed_lanes:
+            precision = dataclasses.replace(precision, packed_lanes=self.packed_lanes)
+            params = packed_dot.pack_params(params, self.packed_lanes)
+        self.params = jax.device_put(params)
+        self.precision = precision
+        model = DistilBertForSequenceClassification(config, precision)
+        apply = lambda p, ids, mask: model.apply({"params": p}, ids, mask, deterministic=True)  # noqa: E731
+        self.forward = jax.jit(apply)
+        self.small_forward = plain_dot_forward(apply) if cpu_float32 and not self.packed_lanes else None
+        self.programs: dict[tuple[int, int], Callable] = {}  # (rows, length) -> its executable, once warm
+        self.programs_compiled = 0
+        self.store_key = program_key({"config": dataclasses.asdict(config), "precision": repr(precision),
+                                      "plain_small_dots": self.small_forward is not None,
+                                      "params": jax.tree_util.tree_map(lambda x: f"{x.dtype}{x.shape}", self.params)})
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "Classifier":
+        """From a HF folder or hub id holding weights, ``config.json`` and tokenizer files. ``kwargs``: the
+        constructor's (``dtype``, ``batch_size``, ``max_length``, ...) and the hub's (``revision``,
+        ``cache_dir``, ``local_files_only``, and ``key``, the setting named in errors)."""
+        from flaxsst.convert import read_pretrained
+        from flaxsst.hub import resolve_model_dir
+
+        hub = {name: kwargs.pop(name) for name in ("revision", "cache_dir", "local_files_only", "key") if name in kwargs}
+        folder = resolve_model_dir(name_or_path, **hub)
+        config, params = read_pretrained(folder)
+        tokenizer = Tokenizer.from_folder(folder, kwargs.get("max_length", 128))
+        return cls(config, params, tokenizer, **kwargs)
+
+    def encode(self, texts: Sequence[str] | str) -> list[list[int]]:
+        """Token ids of each text (validated as ``logits`` does), truncated to ``max_length``."""
+        return self.tokenizer.encode(validate_texts(texts))
+
+    def logits(self, texts: Sequence[str] | str, progress: bool | None = None) -> np.ndarray:
+        """float32 logits ``[len(texts), num_labels]``, in input order.
+
+        ``progress``: a tqdm bar over batches; ``None`` shows one for long inputs on a terminal.
+        """
+        return self.logits_of_ids(self.encode(texts), progress)
+
+    def logits_of_ids(self, ids: Sequence[Sequence[int]], progress: bool | None = None) -> np.ndarray:
+        """``logits`` of texts already encoded (``encode``): float32 ``[len(ids), num_labels]``, in order."""
+        out = np.zeros((len(ids), self.config.num_labels), dtype=np.float32)
+        if not len(ids):
+            return out
+        batches = self.shapes.plan([len(seq) for seq in ids])
+        if progress is None:
+            disable = None if len(batches) > 20 else True  # None: tqdm shows the bar only on a terminal
+        else:
+            disable = not progress
+
+        def run(batch):
+            return self.forward_batch([ids[i] for i in batch.indices], batch.rows, batch.length)
+
+        with tqdm(total=len(batches), desc="predict", unit="batch", disable=disable) as bar:
+            if self.concurrent_batches > 1 and len(batches) > 1:
+                pool = concurrent.futures.ThreadPoolExecutor(self.concurrent_batches, thread_name_prefix="flaxsst-batch")
+                try:  # each thread waits for its own batch, so the next starts as soon as one ends
+                    results = zip(batches, pool.map(lambda batch: np.asarray(run(batch)), batches))
+                    for batch, logits in results:
+                        out[batch.indices] = logits[: len(batch.indices)]
+                        bar.update()
+                finally:  # an error or Ctrl-C: the batches not yet started are dropped
+                    pool.shutdown(cancel_futures=True)
+            else:  # every batch is queued before the first is fetched
+                for batch, logits in [(batch, run(batch)) for batch in batches]:
+                    out[batch.indices] = np.asarray(logits)[: len(batch.indices)]
+                    bar.update()
+        return out
+
+    def forward_batch(self, ids: list[list[int]], rows: int, length: int) -> jax.Array:
+        """The one place a batch goes to the device: token ids padded to ``rows`` x ``length`` ->
+        logits ``[rows, num_labels]`` (not yet fetched)."""
+        input_ids, mask = pad_right(ids, rows, length, self.tokenizer.pad_id)
+        program = self.programs.get((rows, length)) or self._jitted(rows, length)
+        return program(self.params, input_ids, mask)
+
+    def _jitted(self, rows: int, length: int) -> Callable:
+        small = self.small_forward is not None and rows * length <= CPU_SMALL_BATCH_TOKENS
+        return self.small_forward if small else self.forward
+
+    def program_shapes(self) -> list[tuple[int, int]]:
+        """Every ``(rows, length)`` a batch of ``logits`` can take: the programs it compiles."""
+        return self.shapes.programs()
+
+    def warm_up(self, on_program: Callable[[int, int], None] | None = None, threads: int | None = None) -> int:
+        """Load every program ``logits`` can use from the program store (``flaxsst.program_store``), compile
+        the ones it lacks (``threads`` at once, default one per core) and store them, so no later call
+        compiles; ``on_program(done, total)`` after each. Returns how many there are (``programs_compiled``:
+        how many of them were compiled, not loaded)."""
+        shapes = [shape for shape in self.program_shapes() if shape not in self.programs]
+        store = ProgramStore(self.store_key) if store_enabled() else None
+        done, total, lock = len(self.programs), len(self.programs) + len(shapes), threading.Lock()
+        self.programs_compiled = 0
+
+        def ready(shape: tuple[int, int]) -> None:
+            nonlocal done
+            rows, length = shape
+            program = store.load(rows, length) if store is not None else None
+            if program is None:
+                with lock:
+                    self.programs_compiled += 1
+                batch = jax.ShapeDtypeStruct((rows, length), np.int32)
+                # an executable JAX's persistent cache hands back serializes without its kernels' code (it
+                # loads, then fails with "Function ... not found"): one to store is compiled afresh
+                with jax_config.enable_compilation_cache(store is None):
+                    program = self._jitted(rows, length).lower(self.params, batch, batch).compile()
+                if store is not None:
+                    store.save(rows, length, program, lambda loaded: self._run_once(loaded, rows, length))
+            with lock:
+                self.programs[shape] = program
+                done += 1
+                if on_program is not None:
+                    on_program(done, total)
+
+        if shapes:  # XLA compiles and loads outside the GIL: one program per core at once
+            with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1,
+                                                       thread_name_prefix="flaxsst-compile") as pool:
+                for future in [pool.submit(ready, shape) for shape in shapes]:
+                    future.result()
+        if self.programs:  # the runtime's own first-call set-up, before a request pays for it
+            rows, length = min(self.programs)
+            self._run_once(self.programs[rows, length], rows, length)
+        return total
+
+    def _run_once(self, program: Callable, rows: int, length: int) -> None:
+        """``program`` run on one short text padded to ``rows`` x ``length``."""
+        ids = [[self.tokenizer.cls_id, self.tokenizer.sep_id]]
+        program(self.params, *pad_right(ids, rows, length, self.tokenizer.pad_id)).block_until_ready()
+
+    def predictions(self, logits: np.ndarray) -> list[dict[str, Any]]:
+        """``[{"label": ..., "score": ...}, ...]`` of each row of ``logits``: the best label and its softmax."""
+        probs = softmax(logits)
+        best = probs.argmax(axis=-1)
+        return [
+            {"label": self.config.id2label[int(label)], "score": float(probs[row, label])}
+            for row, label in enumerate(best)
+        ]
+
+    def __call__(self, texts: Sequence[str] | str, progress: bool | None = None) -> list[dict[str, Any]]:
+        """``[{"label": "POSITIVE", "score": 0.9998}, ...]``, one per text, in input order."""
+        return self.predictions(self.logits(texts, progress))
+
+
+def plain_dot_forward(apply):
+    """``apply`` jitted with ``CPU_PLAIN_DOTS``, or None where this jaxlib has no such option (it
+    predates YNNPACK, and its dots are XLA's own already)."""
+    try:
+        jax.jit(jnp.matmul, compiler_options=CPU_PLAIN_DOTS).lower(np.ones((2, 2), np.float32),
+                                                                   np.ones((2, 2), np.float32)).compile()
+    except (RuntimeError, TypeError):  # JaxRuntimeError: "No such compile option"
+        return None
+    return jax.jit(apply, compiler_options=CPU_PLAIN_DOTS)
+
+
+def inference_params(params: dict, dtype: Any) -> dict:
+    """``params`` with every matmul and embedding tensor stored in ``dtype``, the LayerNorm scales and
+    biases kept in float32: the values the model computes with, cast once instead of at every call."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.dtype(jnp.float32):
+        return params
+
+    def cast(path, leaf):
+        names = [str(getattr(key, "key", key)).replace("_", "").lower() for key in path]
+        return leaf if any(name.endswith("layernorm") for name in names) else jnp.asarray(leaf, dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
