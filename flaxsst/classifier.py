@@ -226,12 +226,10 @@ class Classifier:
                 with lock:
                     self.programs_compiled += 1
                 batch = jax.ShapeDtypeStruct((rows, length), np.int32)
-                # an executable JAX's persistent cache hands back serializes without its kernels' code (it
-                # loads, then fails with "Function ... not found"): one to store is compiled afresh
-                with jax_config.enable_compilation_cache(store is None):
+                with jax_config.enable_compilation_cache(store is None):  # one to store is compiled afresh
                     program = self._jitted(rows, length).lower(self.params, batch, batch).compile()
                 if store is not None:
-                    store.save(rows, length, program, lambda loaded: self._run_once(loaded, rows, length))
+                    store.save(rows, length, program)
             with lock:
                 self.programs[shape] = program
                 done += 1
