@@ -101,7 +101,10 @@ class BatchShapes:
             raise ConfigError("length_step and lengths both set the padded lengths: give one")
         cpu = backend == "cpu"
         if lengths is not None:
-            lengths = (*sorted({length for length in lengths if 1 <= length < max_length}), max_length)
+            lengths = sorted(set(lengths))
+            if not lengths or lengths[0] < 1 or lengths[-1] > max_length:
+                raise ConfigError(f"lengths={lengths}: expected padded lengths from 1 to max_length={max_length}")
+            lengths = (*[length for length in lengths if length < max_length], max_length)
         elif length_step:
             lengths = multiples(length_step, max_length)
         elif cpu:

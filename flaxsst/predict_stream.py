@@ -160,6 +160,8 @@ def read_request(raw: str, source: str = "stdin") -> list[str]:
             request = json.loads(raw)
         except json.JSONDecodeError as e:
             raise DataError(f"{source} starts with {stripped[0]!r} but is not valid JSON: {e}") from None
+        except RecursionError:  # Python's decoder recurses once per nested list or object
+            raise DataError(f"{source}: JSON nested too deeply to read (a list of texts needs two levels)") from None
         if isinstance(request, dict):
             if "input_data" not in request:
                 raise DataError(f'{source}: a JSON object must be {{"input_data": [...]}}; got keys {sorted(request)}')

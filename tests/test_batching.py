@@ -52,3 +52,16 @@ def test_shape_sets_and_bad_settings():
         BatchShapes.for_backend("cpu", 16, batch_size=0)
     with pytest.raises(ConfigError, match="length_step=0"):
         BatchShapes.for_backend("cpu", 16, length_step=0)
+
+
+def test_given_lengths_are_sorted_end_at_max_length_and_out_of_range_ones_are_refused():
+    from flaxsst.batching import BatchShapes, serving_lengths
+    from flaxsst.errors import ConfigError
+
+    assert BatchShapes.for_backend("cpu", 128, lengths=[32, 16]).lengths == (16, 32, 128)
+    assert BatchShapes.for_backend("cpu", 64, lengths=serving_lengths("cpu", 64)).lengths == (16, 20, 24, 28, 32, 40,
+                                                                                                48, 64)
+    assert serving_lengths("cpu", 128) == (16, 20, 24, 28, 32, 40, 48, 64, 96, 128)
+    for bad in ([], [0, 16], [16, 1000]):
+        with pytest.raises(ConfigError, match="expected padded lengths from 1 to max_length=128"):
+            BatchShapes.for_backend("cpu", 128, lengths=bad)

@@ -165,6 +165,8 @@ CASES = [
      ["--input", "texts.txt: line 2 is not UTF-8 text (byte 0xe9 at offset 15)"]),
     ("predict-lone-surrogate", lambda t, m: (["-m", "flaxsst.predict", "--model", str(m)], '{"input_data": ["ok", "a \\ud800 b"]}'),
      ["stdin: input 1 is not Unicode text: a lone surrogate '\\ud800' at character 2"]),
+    ("predict-nested-json", lambda t, m: (["-m", "flaxsst.predict", "--model", str(m)], "[" * 100000 + "]" * 100000),
+     ["stdin: JSON nested too deeply"]),
 ]
 
 

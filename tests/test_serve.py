@@ -293,3 +293,6 @@ def test_a_port_in_use_is_one_line_and_exit_2(tiny_model_dir, server):
     result = run(["-m", "flaxsst.serve", "--model", str(tiny_model_dir), "--port", port, *model_flags(MAX_LENGTH)],
                  env=command_env(devices=1), timeout=120)
     assert_one_line_error(result, f"--port {port}", "cannot listen")
+    past = run(["-m", "flaxsst.serve", "--model", str(tiny_model_dir), "--port", "99999", *model_flags(MAX_LENGTH)],
+               env=command_env(devices=1), timeout=120)
+    assert_one_line_error(past, "--port 99999", "cannot listen")

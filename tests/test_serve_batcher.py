@@ -232,3 +232,21 @@ def test_json_nested_past_the_decoders_depth_is_a_malformed_request_not_a_crash(
     with pytest.raises(Rejected, match="nested too deeply") as error:
         protocol.read_json(b"[" * 100_000 + b"]" * 100_000)
     assert error.value.reason == MALFORMED and protocol.http_error(error.value, 1)[0] == 400
+
+
+def test_a_request_during_the_warm_up_is_refused_at_once_with_retry_after():
+    clf = FakeClassifier()
+    release = threading.Event()
+    clf.warm_up = lambda on_program=None: release.wait(10) and 3
+    service = Service(clf, Settings(max_batch_texts=4, max_batch_tokens=100, max_batch_delay_ms=0, max_queue=10))
+    service.start()
+    started = time.perf_counter()
+    with pytest.raises(Rejected, match="warming up: 0/3 programs ready") as warming:
+        service.classify(["a"], time.perf_counter() + 10)
+    assert time.perf_counter() - started < 1
+    assert protocol.http_error(warming.value, 2)[0] == 503 and protocol.http_error(warming.value, 2)[2] == {
+        "Retry-After": "2"}
+    release.set()
+    assert service.ready.wait(10)
+    np.testing.assert_array_equal(service.classify(["a bb"], time.perf_counter() + 10).logits, expected([[1, 2]]))
+    service.stop(10)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from flaxsst.metrics import softmax
-from flaxsst.serve.service import INVALID, MALFORMED, OVERLOADED, STOPPING, TIMEOUT, TOO_LARGE, Rejected
+from flaxsst.serve.service import INVALID, MALFORMED, OVERLOADED, STOPPING, TIMEOUT, TOO_LARGE, WARMING, Rejected
 
 
 # The HTTP status and error_type of each reason a request is refused.
@@ -27,6 +27,7 @@ HTTP_STATUS = {
     TOO_LARGE: (413, "Payload"),
     INVALID: (422, "Validation"),
     OVERLOADED: (429, "Overloaded"),
+    WARMING: (503, "Unhealthy"),
     STOPPING: (503, "Unhealthy"),
     TIMEOUT: (504, "Timeout"),
 }
@@ -35,7 +36,7 @@ HTTP_STATUS = {
 def http_error(error: Rejected, retry_after_s: int) -> tuple[int, dict[str, str], dict[str, str]]:
     """``(status, {"error", "error_type"}, headers)`` of a refused request: every HTTP front end's answer."""
     status, error_type = HTTP_STATUS[error.reason]
-    headers = {"Retry-After": str(retry_after_s)} if error.reason == OVERLOADED else {}
+    headers = {"Retry-After": str(retry_after_s)} if error.reason in (OVERLOADED, WARMING) else {}
     return status, {"error": str(error), "error_type": error_type}, headers
 
 

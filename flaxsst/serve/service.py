@@ -36,8 +36,8 @@ ACCELERATOR_BATCHES_PER_CALL, ACCELERATOR_MAX_BATCH_TOKENS, ACCELERATOR_MAX_BATC
 WARM_UP_LOG_EVERY_S = 5.0
 
 # Why a request is refused; each front end maps these to its own answer.
-MALFORMED, TOO_LARGE, INVALID, OVERLOADED, STOPPING, TIMEOUT = (
-    "malformed", "too_large", "invalid", "overloaded", "stopping", "timeout")
+MALFORMED, TOO_LARGE, INVALID, OVERLOADED, WARMING, STOPPING, TIMEOUT = (
+    "malformed", "too_large", "invalid", "overloaded", "warming", "stopping", "timeout")
 
 
 def load_classifier(model: str, *, dtype: str = "float32", batch_size: int | None = None, max_length: int = 128,
@@ -180,6 +180,10 @@ class Service:
 
     def submit(self, texts: Sequence[str]) -> tuple[concurrent.futures.Future, float]:
         """Encode ``texts`` and queue them; -> (the future of their ``Job``, seconds spent tokenizing)."""
+        if not self.ready.is_set():  # a request never waits behind the warm-up: the client retries
+            state = self.warm_up.describe()
+            raise Rejected(WARMING, f"warming up: {state['done']}/{state['programs']} programs ready; retry after "
+                                    f"{self.settings.retry_after_s} s")
         if len(texts) > self.settings.max_texts:
             raise Rejected(TOO_LARGE, f"{len(texts)} texts, more than {self.name('max_texts')} {self.settings.max_texts}")
         started = time.perf_counter()
