@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import threading
 from typing import Any, Callable, Sequence
@@ -134,9 +135,14 @@ class Classifier:
         self.small_forward = plain_dot_forward(apply) if cpu_float32 and not self.packed_lanes else None
         self.programs: dict[tuple[int, int], Callable] = {}  # (rows, length) -> its executable, once warm
         self.programs_compiled = 0
-        self.store_key = program_key({"config": dataclasses.asdict(config), "precision": repr(precision),
-                                      "plain_small_dots": self.small_forward is not None,
-                                      "params": jax.tree_util.tree_map(lambda x: f"{x.dtype}{x.shape}", self.params)})
+
+    @functools.cached_property
+    def store_key(self) -> str:
+        """This model's folder in the program store (``flaxsst.program_store.program_key``), worked out when
+        ``warm_up`` first needs it."""
+        return program_key({"config": dataclasses.asdict(self.config), "precision": repr(self.precision),
+                            "plain_small_dots": self.small_forward is not None,
+                            "params": jax.tree_util.tree_map(lambda x: f"{x.dtype}{x.shape}", self.params)})
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "Classifier":

@@ -159,16 +159,14 @@ def main(args: argparse.Namespace) -> int:
 def prepare(clf) -> int:
     """``--prepare``: every program the server runs compiled into the program store, and the packed-dot
     kernel built, so that a later start with the same flags loads them (a container image's build step)."""
-    import time
-
     from flaxsst import packed_dot, program_store
-    from flaxsst.serve.service import WarmUp, log_warm_up
+    from flaxsst.serve.service import WarmUp
 
     progress = WarmUp(len(clf.program_shapes()))
-    clf.warm_up(log_warm_up(progress))
-    seconds = time.perf_counter() - progress.started
+    progress.run(clf)
     where = program_store.ProgramStore(clf.store_key).folder if program_store.enabled() else "nowhere (FLAXSST_PROGRAM_STORE=0)"
-    log.info("prepared: %d programs in %.1f s, stored in %s; packed-dot kernel: %s", progress.total, seconds, where,
+    log.info("prepared: %d programs in %.1f s, stored in %s; packed-dot kernel: %s", progress.total, progress.seconds,
+             where,
              f"{packed_dot.kernel_dir()} ({clf.packed_lanes} lanes)" if clf.packed_lanes else "not used here")
     return cli.EXIT_OK
 

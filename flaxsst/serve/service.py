@@ -119,6 +119,12 @@ class WarmUp:
     def __init__(self, total: int = 0):
         self.total, self.done, self.started, self.seconds = total, 0, time.perf_counter(), None
 
+    def run(self, classifier) -> None:
+        """``classifier.warm_up()``, timed, with a progress line every ``WARM_UP_LOG_EVERY_S``."""
+        self.started, self.seconds = time.perf_counter(), None
+        classifier.warm_up(log_warm_up(self))
+        self.seconds = time.perf_counter() - self.started
+
     def describe(self) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.started if self.seconds is None else self.seconds
         eta = elapsed / self.done * (self.total - self.done) if self.done else None
@@ -244,9 +250,7 @@ class Service:
         """Every program ``Classifier`` can run, loaded from the program store or compiled, with a progress
         line every ``WARM_UP_LOG_EVERY_S``; then the garbage of it goes back to the system."""
         progress = self.warm_up
-        progress.started = time.perf_counter()
-        self.classifier.warm_up(log_warm_up(progress))
-        progress.seconds = time.perf_counter() - progress.started
+        progress.run(self.classifier)
         release_free_memory()
         self._unwatch = watch_compiles(self)
         compiled = self.classifier.programs_compiled
