@@ -103,8 +103,10 @@ def test_the_server_never_builds_the_kernel_prepare_does_and_a_start_after_it_is
     env = command_env(devices=1, FLAXSST_HOME=str(tmp_path), FLAXSST_PROGRAM_STORE="1")
     flags = ["--model", str(tiny_model_dir), *model_flags()]
     unprepared = ServerProcess(flags, env=env)
-    unprepared.wait_ready()
-    assert unprepared.stop() == 0
+    try:
+        unprepared.wait_ready()
+    finally:
+        assert unprepared.stop() == 0
     assert "no packed-dot kernel built for this CPU" in unprepared.stderr() and "--prepare" in unprepared.stderr()
     assert not list((tmp_path / "kernels").glob("*.so"))
     prepared = run(["-m", "flaxsst.serve", *flags, "--prepare"], env)
