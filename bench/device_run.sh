@@ -10,6 +10,8 @@
 #                                        # packed Classifier, profiled: per-step kernels and device busy time; anchors
 #   bash bench/device_run.sh lastblock   # [CLS]-only last block (grouped) against the last block over every position
 #                                        # (allrows): train batch 256 and 32, inference batch 1024; PyTorch anchors
+#   bash bench/device_run.sh coldstart   # a replica's start on the GPU (bench/serve_coldstart.py, ~5 min): empty home,
+#                                        # --prepare, prepared restarts, a minute at 64 clients; the pipeline anchor on cuda
 #   bash bench/device_run.sh serve       # flaxsst.serve under load on the GPU (bench/serve_load.py, ~4 min; the Azure
 #                                        # anchor is a CPU measurement and stays on the CPU machine); .whl/ also needs
 #                                        # starlette, uvicorn, h11, anyio, click, prometheus_client, httpx, httpcore
@@ -81,7 +83,15 @@ lastblock)  # the [CLS]-only last block's before/after (~6 min): same process pe
 serve)  # a random-weight DistilBERT-base export, then concurrency 1 to 256 against the GPU defaults of flaxsst.serve
   run serve_model 120 python3 -m bench.serve_load --make-model /tmp/distilbert-random --tokenizer .devdata/distilbert-tok
   run serve_load 420 python3 -m bench.serve_load --model /tmp/distilbert-random --servers flaxsst \
-      --data .devdata/sst2/dev.tsv --concurrency 1 8 32 64 256 --seconds 20 --logs "$out/serve" --plot "$out/serve.png"
+      --data .devdata/sst2/dev.tsv --concurrency 1 8 32 64 256 --seconds 20 --client-processes 8 --logs "$out/serve" \
+      --plot "$out/serve.png"
+  ;;
+coldstart)  # flaxsst.serve's start-up on the GPU against a transformers pipeline on the same GPU, then load levels
+  run serve_model 120 python3 -m bench.serve_load --make-model /tmp/distilbert-random --tokenizer .devdata/distilbert-tok
+  run coldstart 330 python3 -m bench.serve_coldstart --model /tmp/distilbert-random --data .devdata/sst2/dev.tsv \
+      --restarts 2 --load-seconds 30 --load-concurrency 64 --pipeline-device cuda --logs "$out/coldstart"
+  run serve_load 150 python3 -m bench.serve_load --model /tmp/distilbert-random --servers flaxsst \
+      --data .devdata/sst2/dev.tsv --concurrency 1 32 256 --seconds 10 --client-processes 8 --logs "$out/serve"
   ;;
 esac
 log done

@@ -40,22 +40,23 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = """
 import sys, time
 from transformers import pipeline
-classify = pipeline("text-classification", model=sys.argv[1], device="cpu")
+classify = pipeline("text-classification", model=sys.argv[1], device=sys.argv[2])
 print(classify(["Today was an amazing day!"]), flush=True)
 time.sleep(3600)
 """
 
 
-def pipeline_start(model: str) -> dict:
+def pipeline_start(model: str, device: str = "cpu") -> dict:
     """The anchor: launch to the first answer of a pipeline process, and its memory then."""
     started = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-c", PIPELINE, model], stdout=subprocess.PIPE, text=True,
+    process = subprocess.Popen([sys.executable, "-c", PIPELINE, model, device], stdout=subprocess.PIPE, text=True,
                                stderr=subprocess.DEVNULL)
     try:
         process.stdout.readline()
         ready_s = time.monotonic() - started
         time.sleep(1)
-        return {"phase": "pipeline", "ready_s": round(ready_s, 2), "rss_mb_idle": tree_rss_mb(process.pid)}
+        return {"phase": "pipeline", "device": device, "ready_s": round(ready_s, 2),
+                "rss_mb_idle": tree_rss_mb(process.pid), "gpu_mb": gpu_memory_mb()}
     finally:
         stop(process)
 
@@ -84,6 +85,16 @@ def serve(model: str, home: str, logs: Path, name: str, extra: list[str] | None 
         time.sleep(0.1)
 
 
+def gpu_memory_mb() -> int | None:
+    """Memory in use on the first GPU (nvidia-smi), or None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return int(out.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
 def first_answer_ms(url: str) -> float:
     import httpx
 
@@ -99,6 +110,7 @@ def main() -> None:
     p.add_argument("--restarts", type=int, default=3)
     p.add_argument("--load-seconds", type=float, default=600)
     p.add_argument("--load-concurrency", type=int, default=64)
+    p.add_argument("--pipeline-device", default="cpu", help="the anchor's device (cuda on a GPU machine)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--logs", default=None, help="server logs (default: a temporary folder)")
     args = p.parse_args()
@@ -114,12 +126,13 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
 
     for _ in range(args.restarts):
-        emit(pipeline_start(args.model))
+        emit(pipeline_start(args.model, args.pipeline_device))
     empty_home, prepared_home = tempfile.mkdtemp(prefix="coldstart_empty_"), tempfile.mkdtemp(prefix="coldstart_home_")
     try:
         process, url, ready_s = serve(args.model, empty_home, logs, "empty")
         time.sleep(1)
-        emit({"phase": "empty", "ready_s": round(ready_s, 2), "rss_mb_idle": tree_rss_mb(process.pid)})
+        emit({"phase": "empty", "ready_s": round(ready_s, 2), "rss_mb_idle": tree_rss_mb(process.pid),
+              "gpu_mb": gpu_memory_mb()})
         stop(process)
         started = time.monotonic()
         subprocess.run([sys.executable, "-m", "flaxsst.serve", "--model", args.model, "--prepare"], cwd=ROOT,
@@ -130,7 +143,7 @@ def main() -> None:
             process, url, ready_s = serve(args.model, prepared_home, logs, f"restart{attempt}")
             time.sleep(1)
             row = {"phase": "restart", "ready_s": round(ready_s, 2), "rss_mb_idle": tree_rss_mb(process.pid),
-                   "first_answer_ms": first_answer_ms(url)}
+                   "first_answer_ms": first_answer_ms(url), "gpu_mb": gpu_memory_mb()}
             emit(row)
             if attempt < args.restarts - 1:
                 stop(process)

@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,11 +88,23 @@ async def load(url: str, seconds: float, concurrency: int, bodies: list[tuple[by
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - began
-    latencies.sort()
-    return {"concurrency": concurrency, "seconds": round(wall, 1), "requests_per_s": round(len(latencies) / wall, 1),
-            "sentences_per_s": round(sent[0] / wall, 1), "p50_ms": round(percentile(latencies, 50) * 1e3, 1),
-            "p90_ms": round(percentile(latencies, 90) * 1e3, 1), "p99_ms": round(percentile(latencies, 99) * 1e3, 1),
+    return {"concurrency": concurrency, "seconds": wall, "latencies": latencies, "sentences": sent[0],
             "codes": dict(codes)}
+
+
+def summary(parts: list[dict]) -> dict:
+    """One level's figures from its client processes' raw results (the slowest one's wall time)."""
+    latencies = sorted(x for part in parts for x in part["latencies"])
+    wall = max(part["seconds"] for part in parts)
+    codes = collections.Counter()
+    for part in parts:
+        codes.update(part["codes"])
+    return {"concurrency": sum(part["concurrency"] for part in parts), "seconds": round(wall, 1),
+            "requests_per_s": round(len(latencies) / wall, 1),
+            "sentences_per_s": round(sum(part["sentences"] for part in parts) / wall, 1),
+            "p50_ms": round(percentile(latencies, 50) * 1e3, 1), "p90_ms": round(percentile(latencies, 90) * 1e3, 1),
+            "p99_ms": round(percentile(latencies, 99) * 1e3, 1), "codes": dict(codes),
+            **({"client_processes": len(parts)} if len(parts) > 1 else {})}
 
 
 def process_tree(pid: int) -> list[int]:
@@ -201,23 +214,32 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def client(args, url: str, concurrency: int, seconds: float, server_pid: int, sample_every: float = 0) -> dict:
-    """One level in a client process of its own; memory samples of the server while it runs."""
-    process = subprocess.Popen([sys.executable, "-m", "bench.serve_load", "--client", url, "--data", args.data,
-                                "--seconds", str(seconds), "--concurrency", str(concurrency)], cwd=ROOT,
-                               stdout=subprocess.PIPE, text=True)
+    """One level in client processes of their own (``--client-processes``: one asyncio client tops out
+    near 1,000 requests/s, less past ~100 connections); memory samples of the server while it runs."""
+    count = max(1, min(getattr(args, "client_processes", 1), concurrency))
+    shares = [concurrency // count + (i < concurrency % count) for i in range(count)]
+    outputs = [tempfile.TemporaryFile("w+") for _ in shares]  # the raw latencies outgrow a pipe's buffer
+    processes = [subprocess.Popen([sys.executable, "-m", "bench.serve_load", "--client", url, "--data", args.data,
+                                   "--seconds", str(seconds), "--concurrency", str(share), "--seed", str(i)], cwd=ROOT,
+                                  stdout=output, text=True) for i, (share, output) in enumerate(zip(shares, outputs))]
     samples, next_sample = [], time.monotonic()
-    measured = process_tree(server_pid) + [process.pid]
+    measured = process_tree(server_pid) + [p.pid for p in processes]
     ours, busy, began = cpu_seconds(measured), machine_busy_seconds(), time.monotonic()
-    while process.poll() is None:
+    while any(p.poll() is None for p in processes):
         measured = sorted(set(measured) | set(process_tree(server_pid)))
         if sample_every and time.monotonic() >= next_sample:
             samples.append(tree_rss_mb(server_pid))
             next_sample += sample_every
         time.sleep(0.2)
-    out = process.stdout.read()
-    if process.returncode != 0:
-        raise SystemExit(f"error: the client exited with {process.returncode}")
-    row = json.loads(out.strip().splitlines()[-1])
+    parts = []
+    for process, output in zip(processes, outputs):
+        output.seek(0)
+        out = output.read()
+        output.close()
+        if process.returncode != 0:
+            raise SystemExit(f"error: the client exited with {process.returncode}")
+        parts.append(json.loads(out.strip().splitlines()[-1]))
+    row = summary(parts)
     wall = time.monotonic() - began
     # CPU the rest of the machine took meanwhile (other processes share these cores): in cores
     row["other_cpu_cores"] = round(max(0.0, (machine_busy_seconds() - busy) - (cpu_seconds(measured) - ours)) / wall, 2)
@@ -322,6 +344,9 @@ def main() -> None:
     p.add_argument("--out", help="append the JSON lines here")
     p.add_argument("--plot", help="PNG of latency against throughput")
     p.add_argument("--client", metavar="URL", help="(internal) run one level against URL and print its JSON")
+    p.add_argument("--client-processes", type=int, default=1, help="client processes sharing each level's "
+                   "connections (one asyncio client is the bottleneck past ~1,000 requests/s)")
+    p.add_argument("--seed", type=int, default=0, help="(internal) the client's request bodies")
     p.add_argument("--make-model", metavar="DIR", help="write the random-weight DistilBERT-base export to DIR")
     p.add_argument("--tokenizer", help="folder with the tokenizer files for --make-model")
     args = p.parse_args()
@@ -329,7 +354,7 @@ def main() -> None:
         make_model(args.make_model, args.tokenizer)
         return
     if args.client:
-        bodies = request_bodies(sentences(args.data), 50000)
+        bodies = request_bodies(sentences(args.data), 50000, seed=args.seed)
         print(json.dumps(asyncio.run(load(args.client, args.seconds, args.concurrency[0], bodies))))
         return
     if not args.model:

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -44,7 +45,11 @@ def load_classifier(model: str, *, dtype: str = "float32", batch_size: int | Non
                     length_step: int | None = None, key: str = "--model", build_kernel: bool = False):
     """The ``Classifier`` a server runs: the backend's serving lengths (``flaxsst.batching.serving_lengths``:
     fewer programs to hold and warm) unless ``length_step`` sets them, and the packed-dot kernel only
-    where it is built already (``build_kernel``: the prepare step builds it)."""
+    where it is built already (``build_kernel``: the prepare step builds it). On a GPU the process takes
+    device memory as it needs it, not JAX's default 75% of the card up front, so replicas can share a
+    card; ``XLA_PYTHON_CLIENT_PREALLOCATE`` or ``XLA_PYTHON_CLIENT_MEM_FRACTION`` set by the user win."""
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:  # read when the backend starts, below
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     from flaxsst.batching import serving_lengths
