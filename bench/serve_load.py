@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,34 +63,90 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[max(0, math.ceil(q / 100 * len(sorted_values)) - 1)]  # nearest rank
 
 
-async def load(url: str, seconds: float, concurrency: int, bodies: list[tuple[bytes, int]]) -> dict:
+async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int, path: str,
+               body: bytes) -> tuple[int, bool]:
+    """POST ``body`` on an open connection and read the whole answer; -> (status, whether the server
+    closes the connection after it)."""
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    length, close = 0, False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection":
+            close = value.strip().lower() == b"close"
+    await reader.readexactly(length)
+    return status, close
+
+
+async def load(url: str, seconds: float, concurrency: int, bodies: list[tuple[bytes, int]], probe: bool = False) -> dict:
+    """``concurrency`` clients posting ``bodies`` to ``url`` for ``seconds``; with ``probe``, ``/health``
+    and ``/ready`` timed alongside, as a load balancer's or Kubernetes' checks see them."""
     import httpx
 
     latencies, codes, sent = [], collections.Counter(), [0]
     next_body = [0]
-    headers = {"content-type": "application/json"}
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
-        stop = time.perf_counter() + seconds
+    parsed = urllib.parse.urlsplit(url)
+    host, port, path = parsed.hostname, parsed.port or 80, parsed.path or "/"
+    stop = time.perf_counter() + seconds
 
-        async def worker():
+    async def worker():
+        """One keep-alive connection, HTTP/1.1 by hand: a Python HTTP client library costs more CPU per
+        request than the server does, and would measure itself."""
+        connection = None
+        while time.perf_counter() < stop:
+            body, count = bodies[next_body[0] % len(bodies)]
+            next_body[0] += 1
+            started = time.perf_counter()
+            try:
+                if connection is None:
+                    connection = await asyncio.open_connection(host, port)
+                status, close = await post(*connection, host, port, path, body)
+                codes[str(status)] += 1
+                if status == 200:
+                    latencies.append(time.perf_counter() - started)
+                    sent[0] += count
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as error:  # counted, not raised
+                codes[type(error).__name__] += 1
+                close = True
+                await asyncio.sleep(0.01)
+            if close and connection is not None:
+                connection[1].close()
+                connection = None
+        if connection is not None:
+            connection[1].close()
+
+    probes = {"/ready": [], "/health": []}
+
+    async def prober():
+        """As a Kubernetes probe: a new connection each time, every 50 ms. The first request after the
+        prober's sleep is not timed: on a saturated 2-core machine it times the prober's own wake-up
+        (the outlier followed whichever route went first when their order was swapped)."""
+        base = url.rsplit("/", 1)[0]
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as fresh:
             while time.perf_counter() < stop:
-                body, count = bodies[next_body[0] % len(bodies)]
-                next_body[0] += 1
-                started = time.perf_counter()
                 try:
-                    response = await client.post(url, content=body, headers=headers)
-                    codes[str(response.status_code)] += 1
-                    if response.status_code == 200:
-                        latencies.append(time.perf_counter() - started)
-                        sent[0] += count
-                except Exception as error:  # a refused or broken connection is counted, not raised
-                    codes[type(error).__name__] += 1
+                    await fresh.get(base + "/health")
+                except Exception:
+                    pass
+                for route, values in probes.items():
+                    started = time.perf_counter()
+                    try:
+                        await fresh.get(base + route)
+                        values.append(time.perf_counter() - started)
+                    except Exception:
+                        values.append(float("inf"))
+                await asyncio.sleep(0.1)
 
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - began
+    began = time.perf_counter()
+    await asyncio.gather(prober() if probe else asyncio.sleep(0), *(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - began
     return {"concurrency": concurrency, "seconds": wall, "latencies": latencies, "sentences": sent[0],
-            "codes": dict(codes)}
+            "codes": dict(codes), "probes": probes}
 
 
 def summary(parts: list[dict]) -> dict:
@@ -99,12 +156,20 @@ def summary(parts: list[dict]) -> dict:
     codes = collections.Counter()
     for part in parts:
         codes.update(part["codes"])
-    return {"concurrency": sum(part["concurrency"] for part in parts), "seconds": round(wall, 1),
+    row = {"concurrency": sum(part["concurrency"] for part in parts), "seconds": round(wall, 1),
             "requests_per_s": round(len(latencies) / wall, 1),
             "sentences_per_s": round(sum(part["sentences"] for part in parts) / wall, 1),
             "p50_ms": round(percentile(latencies, 50) * 1e3, 1), "p90_ms": round(percentile(latencies, 90) * 1e3, 1),
             "p99_ms": round(percentile(latencies, 99) * 1e3, 1), "codes": dict(codes),
-            **({"client_processes": len(parts)} if len(parts) > 1 else {})}
+            **({"client_processes": len(parts) - 1} if len(parts) > 2 else {})}
+    for route in ("/health", "/ready"):
+        values = sorted(x for part in parts for x in part["probes"].get(route, []))
+        if values:
+            name = route.strip("/")
+            row.update({f"{name}_p50_ms": round(percentile(values, 50) * 1e3, 1),
+                        f"{name}_p99_ms": round(percentile(values, 99) * 1e3, 1),
+                        f"{name}_max_ms": round(values[-1] * 1e3, 1)})
+    return row
 
 
 def process_tree(pid: int) -> list[int]:
@@ -218,9 +283,11 @@ def client(args, url: str, concurrency: int, seconds: float, server_pid: int, sa
     near 1,000 requests/s, less past ~100 connections); memory samples of the server while it runs."""
     count = max(1, min(getattr(args, "client_processes", 1), concurrency))
     shares = [concurrency // count + (i < concurrency % count) for i in range(count)]
+    shares.append(0)  # a process of its own times the probes, so the clients' own event loops do not delay them
     outputs = [tempfile.TemporaryFile("w+") for _ in shares]  # the raw latencies outgrow a pipe's buffer
     processes = [subprocess.Popen([sys.executable, "-m", "bench.serve_load", "--client", url, "--data", args.data,
-                                   "--seconds", str(seconds), "--concurrency", str(share), "--seed", str(i)], cwd=ROOT,
+                                   "--seconds", str(seconds), "--concurrency", str(share), "--seed", str(i),
+                                   *(["--probe"] if share == 0 else [])], cwd=ROOT,
                                   stdout=output, text=True) for i, (share, output) in enumerate(zip(shares, outputs))]
     samples, next_sample = [], time.monotonic()
     measured = process_tree(server_pid) + [p.pid for p in processes]
@@ -347,6 +414,7 @@ def main() -> None:
     p.add_argument("--client-processes", type=int, default=1, help="client processes sharing each level's "
                    "connections (one asyncio client is the bottleneck past ~1,000 requests/s)")
     p.add_argument("--seed", type=int, default=0, help="(internal) the client's request bodies")
+    p.add_argument("--probe", action="store_true", help="(internal) time /health and /ready during the level")
     p.add_argument("--make-model", metavar="DIR", help="write the random-weight DistilBERT-base export to DIR")
     p.add_argument("--tokenizer", help="folder with the tokenizer files for --make-model")
     args = p.parse_args()
@@ -355,7 +423,7 @@ def main() -> None:
         return
     if args.client:
         bodies = request_bodies(sentences(args.data), 50000, seed=args.seed)
-        print(json.dumps(asyncio.run(load(args.client, args.seconds, args.concurrency[0], bodies))))
+        print(json.dumps(asyncio.run(load(args.client, args.seconds, args.concurrency[0], bodies, args.probe))))
         return
     if not args.model:
         p.error("--model is required")

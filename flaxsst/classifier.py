@@ -17,6 +17,7 @@ the bias probe and the benches all call it.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import os
@@ -25,7 +26,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax._src import config as jax_config  # the compilation cache's per-thread switch
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -185,19 +185,24 @@ class Classifier:
 
         with tqdm(total=len(batches), desc="predict", unit="batch", disable=disable) as bar:
             if self.concurrent_batches > 1 and len(batches) > 1:
-                pool = concurrent.futures.ThreadPoolExecutor(self.concurrent_batches, thread_name_prefix="flaxsst-batch")
-                try:  # each thread waits for its own batch, so the next starts as soon as one ends
-                    results = zip(batches, pool.map(lambda batch: np.asarray(run(batch)), batches))
-                    for batch, logits in results:
-                        out[batch.indices] = logits[: len(batch.indices)]
+                # each thread waits for its own batch, so the next starts as soon as one ends
+                futures = [self._batch_threads.submit(lambda batch=batch: np.asarray(run(batch))) for batch in batches]
+                try:
+                    for batch, future in zip(batches, futures):
+                        out[batch.indices] = future.result()[: len(batch.indices)]
                         bar.update()
                 finally:  # an error or Ctrl-C: the batches not yet started are dropped
-                    pool.shutdown(cancel_futures=True)
+                    for future in futures:
+                        future.cancel()
             else:  # every batch is queued before the first is fetched
                 for batch, logits in [(batch, run(batch)) for batch in batches]:
                     out[batch.indices] = np.asarray(logits)[: len(batch.indices)]
                     bar.update()
         return out
+
+    @functools.cached_property
+    def _batch_threads(self) -> concurrent.futures.ThreadPoolExecutor:  # once: a server calls logits_of_ids often
+        return concurrent.futures.ThreadPoolExecutor(self.concurrent_batches, thread_name_prefix="flaxsst-batch")
 
     def forward_batch(self, ids: list[list[int]], rows: int, length: int) -> jax.Array:
         """The one place a batch goes to the device: token ids padded to ``rows`` x ``length`` ->
@@ -214,11 +219,12 @@ class Classifier:
         """Every ``(rows, length)`` a batch of ``logits`` can take: the programs it compiles."""
         return self.shapes.programs()
 
-    def warm_up(self, on_program: Callable[[int, int], None] | None = None, threads: int | None = None) -> int:
+    def warm_up(self, on_program: Callable[[int, int], None] | None = None, threads: int | None = None,
+                should_stop: Callable[[], bool] | None = None) -> int:
         """Load every program ``logits`` can use from the program store (``flaxsst.program_store``), compile
         the ones it lacks (``threads`` at once, default one per core) and store them, so no later call
-        compiles; ``on_program(done, total)`` after each. Returns how many there are (``programs_compiled``:
-        how many of them were compiled, not loaded)."""
+        compiles; ``on_program(done, total)`` after each; no program starts once ``should_stop()``. Returns
+        how many there are (``programs_compiled``: how many of them were compiled, not loaded)."""
         shapes = [shape for shape in self.program_shapes() if shape not in self.programs]
         store = ProgramStore(self.store_key) if store_enabled() else None
         done, total, lock = len(self.programs), len(self.programs) + len(shapes), threading.Lock()
@@ -226,14 +232,15 @@ class Classifier:
 
         def ready(shape: tuple[int, int]) -> None:
             nonlocal done
+            if should_stop is not None and should_stop():  # a stopped process exits in seconds
+                return
             rows, length = shape
             program = store.load(rows, length) if store is not None else None
             if program is None:
                 with lock:
                     self.programs_compiled += 1
                 batch = jax.ShapeDtypeStruct((rows, length), np.int32)
-                with jax_config.enable_compilation_cache(store is None):  # one to store is compiled afresh
-                    program = self._jitted(rows, length).lower(self.params, batch, batch).compile()
+                program = self._jitted(rows, length).lower(self.params, batch, batch).compile()
                 if store is not None:
                     store.save(rows, length, program)
             with lock:
@@ -243,19 +250,16 @@ class Classifier:
                     on_program(done, total)
 
         if shapes:  # XLA compiles and loads outside the GIL: one program per core at once
-            with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1,
-                                                       thread_name_prefix="flaxsst-compile") as pool:
+            with (without_compilation_cache() if store is not None else contextlib.nullcontext()), \
+                    concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1,
+                                                          thread_name_prefix="flaxsst-compile") as pool:
                 for future in [pool.submit(ready, shape) for shape in shapes]:
                     future.result()
-        if self.programs:  # the runtime's own first-call set-up, before a request pays for it
+        if self.programs and len(self.programs) == total:  # the runtime's first-call set-up, before a request
             rows, length = min(self.programs)
-            self._run_once(self.programs[rows, length], rows, length)
+            ids = pad_right([[self.tokenizer.cls_id, self.tokenizer.sep_id]], rows, length, self.tokenizer.pad_id)
+            self.programs[rows, length](self.params, *ids).block_until_ready()
         return total
-
-    def _run_once(self, program: Callable, rows: int, length: int) -> None:
-        """``program`` run on one short text padded to ``rows`` x ``length``."""
-        ids = [[self.tokenizer.cls_id, self.tokenizer.sep_id]]
-        program(self.params, *pad_right(ids, rows, length, self.tokenizer.pad_id)).block_until_ready()
 
     def predictions(self, logits: np.ndarray) -> list[dict[str, Any]]:
         """``[{"label": ..., "score": ...}, ...]`` of each row of ``logits``: the best label and its softmax."""
@@ -269,6 +273,26 @@ class Classifier:
     def __call__(self, texts: Sequence[str] | str, progress: bool | None = None) -> list[dict[str, Any]]:
         """``[{"label": "POSITIVE", "score": 0.9998}, ...]``, one per text, in input order."""
         return self.predictions(self.logits(texts, progress))
+
+
+@contextlib.contextmanager
+def without_compilation_cache():
+    """Inside, every compile in this process is done afresh, never answered by JAX's persistent cache:
+    an executable the cache answers serializes without its kernels' code (it loads, then fails with
+    "Function ... not found"), so what the program store keeps must not come from it. JAX decides
+    once per process whether the cache is in use (``is_cache_used``), at the first compile, whichever
+    thread it runs on: the flag is turned off for the whole process and that decision reset, on the
+    way in and on the way out."""
+    from jax._src import compilation_cache
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
 
 
 def plain_dot_forward(apply):

@@ -86,6 +86,7 @@ class ProgramStore:
 
     def __init__(self, key: str, folder: Path | None = None):
         self.folder = (folder or store_dir()) / key
+        self.unwritable = False  # one warning for a store that cannot be written, not one per program
 
     def path(self, rows: int, length: int) -> Path:
         return self.folder / f"{rows}x{length}.xla"
@@ -121,4 +122,7 @@ class ProgramStore:
                 f.write(data)
             os.replace(f.name, path)
         except Exception as e:  # a read-only image or a full disk: serving goes on, the next start compiles
-            log.warning("cannot store the program %s (%s); the next start compiles it again", path, e)
+            if not self.unwritable:
+                log.warning("cannot store the program %s (%s); the next start compiles these programs again",
+                            path, e)
+            self.unwritable = True

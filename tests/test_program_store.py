@@ -27,6 +27,10 @@ jax.monitoring.register_event_duration_secs_listener(
     lambda event, seconds, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
 from flaxsst.classifier import Classifier
 clf = Classifier.from_pretrained(sys.argv[1], batch_size=4, max_length=16, length_step=4)
+if "cache-all" in sys.argv:  # tiny programs compile faster than the cache's threshold: keep them all
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+if "compile-first" in sys.argv:  # the process compiled something of its own first, with JAX's persistent cache on
+    jax.jit(lambda x: x * 2 + 1)(jax.numpy.ones(3)).block_until_ready()
 total = clf.warm_up()
 before = len(compiles)
 logits = clf.logits(json.loads(sys.argv[2]))
@@ -35,10 +39,10 @@ print(json.dumps({"total": total, "compiled": clf.programs_compiled, "compiles_i
 """
 
 
-def warm(model_dir, home, **env):
-    result = subprocess.run([sys.executable, "-c", WARM, str(model_dir), json.dumps(TEXTS)], cwd=ROOT,
+def warm(model_dir, home, *extra, **env):
+    result = subprocess.run([sys.executable, "-c", WARM, str(model_dir), json.dumps(TEXTS), *extra], cwd=ROOT,
                             capture_output=True, text=True, timeout=600,
-                            env=command_env(devices=1, FLAXSST_HOME=str(home), FLAXSST_PROGRAM_STORE="1", **env))
+                            env=command_env(devices=1, **{"FLAXSST_HOME": str(home), "FLAXSST_PROGRAM_STORE": "1", **env}))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
 
@@ -60,6 +64,21 @@ def test_a_second_start_loads_every_program_from_the_store_and_compiles_nothing(
     reference = transformers_logits(tiny_model_dir)
     np.testing.assert_allclose(second["logits"], reference, atol=1e-5)
     np.testing.assert_allclose(first["logits"], reference, atol=1e-5)
+
+
+def test_programs_stored_by_a_process_whose_compilation_cache_is_warm_load_and_run(tiny_model_dir, tmp_path):
+    """A compile that JAX's persistent cache answers yields an executable that serializes without its
+    kernels' code (it loads, then fails with "Function ... not found"). A store under a new key (another
+    flaxsst version, say) over a warm cache, in a process that compiled something before its warm-up
+    (which makes JAX decide the cache is in use for the whole process), still keeps programs that run."""
+    cache = {"FLAXSST_COMPILATION_CACHE": "1", "FLAXSST_CACHE_DIR": str(tmp_path / "jax")}
+    for store in ("first", "second"):
+        stored, _ = warm(tiny_model_dir, tmp_path, "cache-all", "compile-first",
+                         FLAXSST_PROGRAM_DIR=str(tmp_path / store), **cache)
+        assert stored["compiled"] == 12
+    loaded, _ = warm(tiny_model_dir, tmp_path, "cache-all", FLAXSST_PROGRAM_DIR=str(tmp_path / "second"), **cache)
+    assert loaded["compiled"] == 0 and loaded["compiles_after"] == 0
+    np.testing.assert_allclose(loaded["logits"], transformers_logits(tiny_model_dir), atol=1e-5)
 
 
 def test_another_cpu_never_loads_the_programs_this_one_stored(tiny_model_dir, tmp_path, monkeypatch):

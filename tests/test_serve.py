@@ -275,6 +275,22 @@ def test_sigterm_under_load_answers_every_request_received_then_exits_0(tiny_mod
     assert "SIGTERM: draining" in proc.stderr() and "Traceback" not in proc.stderr()
 
 
+def test_sigterm_during_the_warm_up_stops_it_and_exits_0_in_seconds(tiny_model_dir):
+    """A pod deleted while it warms up: nothing to drain, so the server neither waits out the warm-up
+    (here ~250 programs, tens of seconds) nor the drain grace."""
+    proc = ServerProcess(["--model", str(tiny_model_dir), "--max-length", "128", "--batch-size", "8",
+                          "--length-step", "2", "--drain-grace-s", "30"])
+    time.sleep(1)
+    warming = httpx.get(f"{proc.url}/ready").json()
+    assert warming["status"] == "warming up" and warming["done"] < warming["programs"] / 2, warming
+    signalled = time.monotonic()
+    code = proc.stop(signal.SIGTERM, timeout=60)
+    assert code == 0, proc.stderr()
+    assert time.monotonic() - signalled < 10, proc.stderr()
+    assert "SIGTERM: stopping the warm-up" in proc.stderr() and "warm-up stopped at" in proc.stderr()
+    assert "Traceback" not in proc.stderr()
+
+
 @pytest.mark.parametrize("damage", ["missing", "bad config"])
 def test_a_model_that_cannot_load_is_one_line_and_exit_2_before_the_port_opens(tiny_model_dir, tmp_path, damage):
     model = tmp_path / "model"

@@ -30,7 +30,7 @@ class FakeClassifier:
     def program_shapes(self):
         return [(1, 4), (2, 4), (4, 4)]
 
-    def warm_up(self, on_program=None):
+    def warm_up(self, on_program=None, should_stop=None):
         for done in range(1, 4):
             on_program(done, 3)
         return 3
@@ -237,7 +237,7 @@ def test_json_nested_past_the_decoders_depth_is_a_malformed_request_not_a_crash(
 def test_a_request_during_the_warm_up_is_refused_at_once_with_retry_after():
     clf = FakeClassifier()
     release = threading.Event()
-    clf.warm_up = lambda on_program=None: release.wait(10) and 3
+    clf.warm_up = lambda on_program=None, should_stop=None: release.wait(10) and 3
     service = Service(clf, Settings(max_batch_texts=4, max_batch_tokens=100, max_batch_delay_ms=0, max_queue=10))
     service.start()
     started = time.perf_counter()

@@ -69,7 +69,7 @@ class TimingMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        route = scope["path"] if scope["path"] in self.routes else "other"
+        route = route_of(scope["path"], self.routes)
         status = 500
 
         async def send_with_headers(message):
@@ -90,6 +90,16 @@ class TimingMiddleware:
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.total.labels(route).observe(time.perf_counter() - started)
+
+
+def route_of(path: str, routes: tuple[str, ...]) -> str:
+    """The route ``path`` takes, as its label: ``/v2/models/export/infer`` is ``/v2/models/{name}/infer``;
+    a path of no route is ``other`` (the labels stay few whatever clients send)."""
+    parts = path.split("/")
+    if path.startswith("/v2/models/") and len(parts) > 3:
+        parts[3] = "{name}"
+    route = "/".join(parts)
+    return route if route in routes else "other"
 
 
 def milliseconds(seconds: float) -> str:

@@ -63,5 +63,23 @@ def openapi_schema(classifier, settings: Settings, description: str) -> dict:
             "/ready": {"get": {"summary": "200 once every program is compiled and warm; 503 before, and while draining",
                                "responses": status("ready")}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"}}}},
+            "/v2": {"get": {"summary": "Open Inference Protocol: server metadata",
+                            "responses": {"200": {"description": "name, version, extensions"}}}},
+            "/v2/health/live": {"get": {"summary": "Open Inference Protocol: live",
+                                        "responses": {"200": {"description": "live"}}}},
+            "/v2/health/ready": {"get": {"summary": "Open Inference Protocol: ready (as /ready)",
+                                         "responses": {"200": {"description": "ready"}, "400": {"description": "not ready"}}}},
+            "/v2/models/{name}": {"get": {"summary": "Open Inference Protocol: the model's inputs and outputs",
+                                          "responses": {"200": {"description": "metadata"},
+                                                        "404": {"description": "another model's name"}}}},
+            "/v2/models/{name}/ready": {"get": {"summary": "Open Inference Protocol: the model is ready",
+                                                "responses": {"200": {"description": "ready"},
+                                                              "400": {"description": "not ready"}}}},
+            "/v2/models/{name}/infer": {"post": {
+                "summary": "Open Inference Protocol: one BYTES input of texts -> label, score, logits",
+                "requestBody": {"required": True, "content": {"application/json": {"example": {
+                    "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": sample}]}}}},
+                "responses": {"200": {"description": "outputs label (BYTES), score (FP32), logits (FP32)"},
+                              **errors}}},
         },
     }

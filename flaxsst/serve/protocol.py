@@ -18,12 +18,14 @@ from typing import Any
 import numpy as np
 
 from flaxsst.metrics import softmax
-from flaxsst.serve.service import INVALID, MALFORMED, OVERLOADED, STOPPING, TIMEOUT, TOO_LARGE, WARMING, Rejected
+from flaxsst.serve.service import (INVALID, MALFORMED, OVERLOADED, STOPPING, TIMEOUT, TOO_LARGE, UNKNOWN_MODEL, WARMING,
+                                   Rejected)
 
 
 # The HTTP status and error_type of each reason a request is refused.
 HTTP_STATUS = {
     MALFORMED: (400, "Validation"),
+    UNKNOWN_MODEL: (404, "NotFound"),
     TOO_LARGE: (413, "Payload"),
     INVALID: (422, "Validation"),
     OVERLOADED: (429, "Overloaded"),

@@ -8,10 +8,13 @@ while every program the server runs is loaded from the program store or compiled
 anything does). ``--prepare`` does the compiling and builds the packed-dot kernel ahead of time and
 exits, for a container image or a volume; the server itself never builds the kernel.
 
-Shutdown: SIGTERM or Ctrl-C makes ``/ready`` 503 at once; the listener stays open for
-``--drain-grace-s`` (load balancers see the 503 and stop sending), then closes; every request
-already received is answered, and the process exits 0 within ``--drain-grace-s`` plus
-``--timeout-ms``. A second Ctrl-C stops at once.
+Shutdown: SIGTERM or Ctrl-C makes ``/ready`` 503 at once and every answer from then on carries
+``Connection: close`` (a keep-alive client sends its next request on a new connection, which a load
+balancer routes to another replica, instead of on one this server is about to close); the listener
+stays open for ``--drain-grace-s`` (load balancers see the 503 and stop sending), then closes; every
+request already received is answered, and the process exits 0 within ``--drain-grace-s`` plus
+``--timeout-ms``. A signal during the warm-up stops it (the programs compiling finish) and exits at
+once. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import signal
 import socket
 import sys
 import threading
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 from flaxsst import cli
 from flaxsst.errors import ConfigError, FlaxsstError
@@ -38,7 +42,7 @@ class DrainingServer:
     """uvicorn's server with a drain: the first signal marks the app draining and closes the listener
     ``grace_s`` later; uvicorn then waits for the requests in flight (``timeout_graceful_shutdown``)."""
 
-    def __init__(self, config, grace_s: float, draining: threading.Event):
+    def __init__(self, config, grace_s: float, draining: threading.Event, ready: Callable[[], bool] = lambda: True):
         import uvicorn
 
         outer = self
@@ -52,6 +56,7 @@ class DrainingServer:
         self.server = Server(config)
         self.grace_s = grace_s
         self.draining = draining
+        self.ready = ready
         self.failed = False
 
     def handle_signal(self, sig: int, frame) -> None:
@@ -60,7 +65,12 @@ class DrainingServer:
                 self.server.should_exit = self.server.force_exit = True
             return
         self.draining.set()
-        log.info("%s: draining; /ready is 503, the listener closes in %.1f s", signal.Signals(sig).name, self.grace_s)
+        if not self.ready():  # no load balancer routes here yet: nothing to drain, the warm-up stops
+            log.info("%s: stopping the warm-up", signal.Signals(sig).name)
+            self.close()
+            return
+        log.info("%s: draining; /ready is 503, answers close their connections, the listener closes in %.1f s",
+                 signal.Signals(sig).name, self.grace_s)
         timer = threading.Timer(self.grace_s, self.close)
         timer.daemon = True
         timer.start()
@@ -141,10 +151,11 @@ def main(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     draining = threading.Event()
-    app = create_app(service, metrics, draining=draining.is_set, stop_timeout_s=settings.timeout_s + 5)
+    app = create_app(service, metrics, draining=draining.is_set, stop_timeout_s=settings.timeout_s + 5,
+                     model_name=args.model_name or default_model_name(args.model))
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.timeout_s + 5), timeout_keep_alive=30)
-    server = DrainingServer(config, args.drain_grace_s, draining)
+    server = DrainingServer(config, args.drain_grace_s, draining, ready=service.ready.is_set)
     log.info("listening on http://%s:%d (%s, batches of up to %d texts / %d tokens, %.1f ms delay); warming up "
              "%d programs", host if ":" not in host else f"[{host}]", port, jax.default_backend(),
              settings.max_batch_texts, settings.max_batch_tokens, settings.max_batch_delay_ms,
@@ -154,6 +165,12 @@ def main(args: argparse.Namespace) -> int:
         raise FlaxsstError("the warm-up failed (the traceback is above); nothing was served")
     log.info("stopped" if drained else "stopped without draining (second Ctrl-C)")
     return cli.EXIT_OK if drained else cli.EXIT_INTERRUPTED
+
+
+def default_model_name(model: str) -> str:
+    """The model's name in the Open Inference Protocol's paths: its folder's name (``run/export`` is
+    ``export``), or a hub id's last part."""
+    return Path(model.rstrip("/\\")).name or "model"
 
 
 def prepare(clf) -> int:
@@ -174,6 +191,9 @@ def prepare(clf) -> int:
 def parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m flaxsst.serve", description=cli.first_paragraph(__doc__))
     p.add_argument("--model", required=True, help="HF folder or hub id")
+    p.add_argument("--model-name", default=None,
+                   help="the model's name in the Open Inference Protocol's paths (/v2/models/NAME/infer; default: "
+                        "the --model folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port, printed at start)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")

@@ -35,10 +35,11 @@ log = logging.getLogger("flaxsst.serve")
 CPU_BATCHES_PER_CALL, CPU_MAX_BATCH_TOKENS, CPU_MAX_BATCH_DELAY_MS = 5, 4096, 2.0
 ACCELERATOR_BATCHES_PER_CALL, ACCELERATOR_MAX_BATCH_TOKENS, ACCELERATOR_MAX_BATCH_DELAY_MS = 1, 16384, 1.0
 WARM_UP_LOG_EVERY_S = 5.0
+TOKENIZING_THREADS = 2
 
 # Why a request is refused; each front end maps these to its own answer.
-MALFORMED, TOO_LARGE, INVALID, OVERLOADED, WARMING, STOPPING, TIMEOUT = (
-    "malformed", "too_large", "invalid", "overloaded", "warming", "stopping", "timeout")
+MALFORMED, TOO_LARGE, INVALID, OVERLOADED, WARMING, STOPPING, TIMEOUT, UNKNOWN_MODEL = (
+    "malformed", "too_large", "invalid", "overloaded", "warming", "stopping", "timeout", "unknown_model")
 
 
 def load_classifier(model: str, *, dtype: str = "float32", batch_size: int | None = None, max_length: int = 128,
@@ -124,10 +125,10 @@ class WarmUp:
     def __init__(self, total: int = 0):
         self.total, self.done, self.started, self.seconds = total, 0, time.perf_counter(), None
 
-    def run(self, classifier) -> None:
+    def run(self, classifier, should_stop: Callable[[], bool] | None = None) -> None:
         """``classifier.warm_up()``, timed, with a progress line every ``WARM_UP_LOG_EVERY_S``."""
         self.started, self.seconds = time.perf_counter(), None
-        classifier.warm_up(log_warm_up(self))
+        classifier.warm_up(log_warm_up(self), should_stop=should_stop)
         self.seconds = time.perf_counter() - self.started
 
     def describe(self) -> dict[str, Any]:
@@ -169,7 +170,10 @@ class Service:
         self.on_batch = on_batch
         self.on_fatal = on_fatal  # called from the model's thread when the warm-up fails
         self.ready = threading.Event()
+        self.stopping = threading.Event()
         self.warm_up = WarmUp(len(classifier.program_shapes()))
+        # Tokenizing is a third of a request's work: off the event loop (the tokenizer lets go of the GIL)
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(TOKENIZING_THREADS, thread_name_prefix="flaxsst-tokenize")
         self.compiles_while_serving = 0  # XLA compiles once ready: none is expected (a request never waits on one)
         self._thread: threading.Thread | None = None
 
@@ -180,7 +184,8 @@ class Service:
             self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Take no new requests, answer the waiting ones, and end the model's thread."""
+        """Take no new requests, answer the waiting ones (or end a warm-up), and end the model's thread."""
+        self.stopping.set()
         self.batcher.stop()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -222,8 +227,9 @@ class Service:
         return _answer(job, tokenization_s)
 
     async def classify_async(self, texts: Sequence[str], deadline: float) -> Answer:
-        """``classify`` from an event loop: the loop goes on while the texts wait for their batches."""
-        future, tokenization_s = self.submit(texts)
+        """``classify`` from an event loop: the texts are tokenized on a thread of their own and wait for
+        their batches there, so the loop goes on answering (probes, other requests) meanwhile."""
+        future, tokenization_s = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.submit, texts)
         try:
             job = await asyncio.wait_for(asyncio.wrap_future(future), max(deadline - time.perf_counter(), 0.0))
         except asyncio.TimeoutError:  # wait_for cancels the future: its texts not yet in a batch are dropped
@@ -239,7 +245,8 @@ class Service:
 
     def _run(self) -> None:
         try:
-            self._warm()
+            if not self._warm():
+                return
         except Exception as error:  # nothing can be served: the front end ends the process
             log.exception("warm-up failed")
             if self.on_fatal is not None:
@@ -251,17 +258,22 @@ class Service:
         finally:
             self._unwatch()
 
-    def _warm(self) -> None:
+    def _warm(self) -> bool:
         """Every program ``Classifier`` can run, loaded from the program store or compiled, with a progress
-        line every ``WARM_UP_LOG_EVERY_S``; then the garbage of it goes back to the system."""
+        line every ``WARM_UP_LOG_EVERY_S``; then the garbage of it goes back to the system. False when
+        ``stop()`` came first."""
         progress = self.warm_up
-        progress.run(self.classifier)
+        progress.run(self.classifier, self.stopping.is_set)
+        if self.stopping.is_set():
+            log.info("warm-up stopped at %d of %d programs", progress.done, progress.total)
+            return False
         release_free_memory()
         self._unwatch = watch_compiles(self)
         compiled = self.classifier.programs_compiled
         log.info("ready: %d programs warm in %.1f s (%d from the program store, %d compiled)", progress.total,
                  progress.seconds, progress.total - compiled, compiled)
         self.ready.set()
+        return True
 
     def _run_batch(self, pieces) -> None:
         ids = self.batcher.ids_of(pieces)
