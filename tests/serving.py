@@ -104,6 +104,13 @@ def model_flags(max_length: int = 16, batch_size: int = 4) -> list[str]:
     return ["--max-length", str(max_length), "--batch-size", str(batch_size), "--length-step", "4"]
 
 
+def served_classifier(model_dir, max_length: int = 16, batch_size: int = 4):
+    """The reference ``Classifier`` of a server started with ``model_flags(max_length, batch_size)``."""
+    from flaxsst.classifier import Classifier
+
+    return Classifier.from_pretrained(model_dir, batch_size=batch_size, max_length=max_length, length_step=4)
+
+
 def texts_of(seed: int, count: int) -> list[str]:
     """``count`` distinct SST-2-like texts of varied length."""
     from tests.fixtures import WORDS

@@ -23,7 +23,7 @@ import pytest
 
 from flaxsst.classifier import Classifier
 from tests.commands import ROOT, command_env
-from tests.serving import ServerProcess, free_port, model_flags, stop_process, texts_of
+from tests.serving import ServerProcess, free_port, model_flags, served_classifier, stop_process, texts_of
 
 HAPROXY = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
                                            if os.path.exists(p)), None)
@@ -52,7 +52,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_
 
 @pytest.fixture(scope="module")
 def clf(tiny_model_dir):
-    return Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=MAX_LENGTH, length_step=4)
+    return served_classifier(tiny_model_dir, MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import transformers
 from flaxsst import Classifier
 from flaxsst.metrics import softmax
 from tests.commands import assert_one_line_error, command_env, run
-from tests.serving import ServerProcess, model_flags, post_all, run_async, texts_of
+from tests.serving import ServerProcess, model_flags, post_all, run_async, served_classifier, texts_of
 
 CARD = ["Today was an amazing day!", "It was an unfortunate series of events."]
 MAX_LENGTH = 16
@@ -22,7 +22,7 @@ MAX_LENGTH = 16
 
 @pytest.fixture(scope="module")
 def clf(tiny_model_dir):
-    return Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=MAX_LENGTH, length_step=4)
+    return served_classifier(tiny_model_dir, MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")

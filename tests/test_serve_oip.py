@@ -9,9 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
-from flaxsst.classifier import Classifier
 from flaxsst.metrics import softmax
-from tests.serving import ServerProcess, model_flags, texts_of
+from tests.serving import ServerProcess, model_flags, served_classifier, texts_of
 
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extra")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -21,7 +20,7 @@ MAX_LENGTH = 16
 
 @pytest.fixture(scope="module")
 def clf(tiny_model_dir):
-    return Classifier.from_pretrained(tiny_model_dir, batch_size=4, max_length=MAX_LENGTH, length_step=4)
+    return served_classifier(tiny_model_dir, MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")

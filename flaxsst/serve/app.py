@@ -79,7 +79,15 @@ def create_app(service: Service, metrics: Metrics, *, draining: Callable[[], boo
     ``model_name`` is the model's name in the Open Inference Protocol's paths."""
     classifier, settings = service.classifier, service.settings
     id2label = classifier.config.id2label
-    metrics.watch(service, lambda: service.ready.is_set() and not draining())
+
+    def serving() -> bool:
+        return service.ready.is_set() and not draining()
+
+    def refused(error: Rejected) -> Response:
+        status, body, headers = protocol.http_error(error, settings.retry_after_s)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    metrics.watch(service, serving)
 
     def classification(parse: Callable[[Request, bytes], tuple[list[str], Any]],
                        answer: Callable[[Any, Any], Response]):
@@ -90,8 +98,7 @@ def create_app(service: Service, metrics: Metrics, *, draining: Callable[[], boo
                 texts, request_ = parse(request, await read_body(request, settings.max_body_bytes))
                 result = await service.classify_async(texts, deadline)
             except Rejected as e:
-                status, body, headers = protocol.http_error(e, settings.retry_after_s)
-                return JSONResponse(body, status_code=status, headers=headers)
+                return refused(e)
             metrics.queue.observe(result.queue_s)
             response = answer(result.logits, request_)
             response.headers.update({
@@ -134,8 +141,9 @@ def create_app(service: Service, metrics: Metrics, *, draining: Callable[[], boo
         return JSONResponse({"status": "ready", "programs": service.warm_up.total,
                              "warm_up_s": round(service.warm_up.seconds, 3)})
 
-    def v2_ready() -> bool:
-        return service.ready.is_set() and not draining()
+    def v2_readiness(body: dict[str, Any]) -> Response:  # the protocol's "false" is a 4xx
+        ready_now = serving()
+        return JSONResponse({**body, "ready": ready_now}, status_code=200 if ready_now else 400)
 
     async def v2_server(request: Request) -> Response:
         return JSONResponse(oip.server_metadata())
@@ -143,22 +151,20 @@ def create_app(service: Service, metrics: Metrics, *, draining: Callable[[], boo
     async def v2_live(request: Request) -> Response:
         return JSONResponse({"live": True})
 
-    async def v2_server_ready(request: Request) -> Response:  # the protocol's "false" is a 4xx
-        return JSONResponse({"ready": v2_ready()}, status_code=200 if v2_ready() else 400)
+    async def v2_server_ready(request: Request) -> Response:
+        return v2_readiness({})
 
     def v2_model_route(handler: Callable[[], Response]):
         async def endpoint(request: Request) -> Response:
             try:
                 this_model(request)
             except Rejected as e:
-                status, body, headers = protocol.http_error(e, settings.retry_after_s)
-                return JSONResponse(body, status_code=status, headers=headers)
+                return refused(e)
             return handler()
         return endpoint
 
     v2_model = v2_model_route(lambda: JSONResponse(oip.model_metadata(model_name, len(id2label))))
-    v2_model_ready = v2_model_route(lambda: JSONResponse({"name": model_name, "ready": v2_ready()},
-                                                         status_code=200 if v2_ready() else 400))
+    v2_model_ready = v2_model_route(lambda: v2_readiness({"name": model_name}))
 
     async def metrics_route(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -172,7 +172,8 @@ class Service:
         self.ready = threading.Event()
         self.stopping = threading.Event()
         self.warm_up = WarmUp(len(classifier.program_shapes()))
-        # Tokenizing is a third of a request's work: off the event loop (the tokenizer lets go of the GIL)
+        # Tokenizing is the largest part of a request's work on the event loop (42% of its busy time in a
+        # profile under load): off the loop, on threads of its own (the tokenizer lets go of the GIL)
         self._tokenizing = concurrent.futures.ThreadPoolExecutor(TOKENIZING_THREADS, thread_name_prefix="flaxsst-tokenize")
         self.compiles_while_serving = 0  # XLA compiles once ready: none is expected (a request never waits on one)
         self._thread: threading.Thread | None = None
@@ -227,8 +228,8 @@ class Service:
         return _answer(job, tokenization_s)
 
     async def classify_async(self, texts: Sequence[str], deadline: float) -> Answer:
-        """``classify`` from an event loop: the texts are tokenized on a thread of their own and wait for
-        their batches there, so the loop goes on answering (probes, other requests) meanwhile."""
+        """``classify`` from an event loop: the texts are tokenized on a thread of their own, so the loop
+        goes on answering (probes, other requests) meanwhile and while they wait for their batches."""
         future, tokenization_s = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.submit, texts)
         try:
             job = await asyncio.wait_for(asyncio.wrap_future(future), max(deadline - time.perf_counter(), 0.0))
