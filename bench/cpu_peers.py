@@ -4,7 +4,9 @@
         --texts ../shared/data/sst2/dev.tsv
 
 Peers: PyTorch fp32, PyTorch bf16 autocast (oneDNN), ONNX Runtime fp32 (plain, and with
-``onnxruntime.transformers``' BERT fusions). Every peer gets the fair batching: the texts sorted by
+``onnxruntime.transformers``' BERT fusions), and the int8 models users pick: ONNX Runtime's
+``quantize_dynamic`` of the fused model and PyTorch's dynamic quantization of its Linear layers
+(``torch.ao.quantization.quantize_dynamic``, qint8 weights). Every peer gets the fair batching: the texts sorted by
 length, batches padded to their own longest, at each of ``--peer-batch-sizes`` (its best counts; the
 default includes flaxsst's own CPU batch size);
 flaxsst runs as a user calls it (``Classifier.logits(texts)``, tokenization included). The same random
@@ -265,10 +267,12 @@ def main() -> None:
             "onnxruntime": ort.__version__, "transformers": transformers.__version__}
     emit({"what": "meta", **meta})
 
-    def torch_fn(bf16: bool):
+    def torch_fn(bf16: bool, model=None):
+        model = reference if model is None else model
+
         def run(input_ids, mask):
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return reference(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).logits.float().numpy()
+                return model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).logits.float().numpy()
         return run
 
     onnx_path = f"{work}/model.onnx"
@@ -278,13 +282,18 @@ def main() -> None:
 
     fused = optimize_model(onnx_path, model_type="bert", num_heads=12, hidden_size=768)
     fused.save_model_to_file(f"{work}/model_fused.onnx")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(f"{work}/model_fused.onnx", f"{work}/model_fused_int8.onnx", weight_type=QuantType.QInt8)
     sessions = {"ort_fp32": ort_session(onnx_path, args.threads),
-                "ort_fused_fp32": ort_session(f"{work}/model_fused.onnx", args.threads)}
+                "ort_fused_fp32": ort_session(f"{work}/model_fused.onnx", args.threads),
+                "ort_fused_int8": ort_session(f"{work}/model_fused_int8.onnx", args.threads)}
+    torch_int8 = torch.ao.quantization.quantize_dynamic(reference, {torch.nn.Linear}, dtype=torch.qint8)
 
     def ort_fn(sess):
         return lambda input_ids, mask: sess.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})[0]
 
-    peers = {"torch_fp32": torch_fn(False), "torch_bf16": torch_fn(True),
+    peers = {"torch_fp32": torch_fn(False), "torch_bf16": torch_fn(True), "torch_int8": torch_fn(False, torch_int8),
              **{name: ort_fn(sess) for name, sess in sessions.items()}}
 
     def gather(fn, batch_size):
@@ -354,12 +363,15 @@ def main() -> None:
 
     fp32_peer, fp32_peer_s = fastest(("torch_fp32", "ort_fp32", "ort_fused_fp32"))
     bf16_peer, bf16_peer_s = fastest(("torch_bf16",))
+    int8_peer, int8_peer_s = fastest(("torch_int8", "ort_fused_int8"))
     one_peer = min(("ort_fp32", "ort_fused_fp32", "torch_fp32"), key=lambda k: latency[k]["median_ms"])
     traffic_peer = min(("ort_fp32", "ort_fused_fp32", "torch_fp32"), key=lambda k: one_at_a_time[k]["median_ms"])
     emit({
         "what": "summary",
         "fastest_fp32_peer": fp32_peer, "flaxsst_fp32_time_vs_it": round(seconds["flaxsst_fp32"] / fp32_peer_s, 2),
         "fastest_bf16_peer": bf16_peer, "flaxsst_bf16_time_vs_it": round(seconds["flaxsst_bf16"] / bf16_peer_s, 2),
+        "fastest_int8_peer": int8_peer, "flaxsst_fp32_time_vs_int8_peer": round(seconds["flaxsst_fp32"] / int8_peer_s, 2),
+        "flaxsst_bf16_time_vs_int8_peer": round(seconds["flaxsst_bf16"] / int8_peer_s, 2),
         "flaxsst_bf16_vs_fp32_label_agreement": float(np.mean(flax_bf16.logits(texts).argmax(1) == flax_fp32.logits(texts).argmax(1))),
         "flaxsst_bf16_vs_fp32_max_abs_logit_diff": float(np.abs(flax_bf16.logits(texts) - flax_fp32.logits(texts)).max()),
         "one_sentence_fastest_peer": one_peer,

@@ -3,11 +3,11 @@
     python -m flaxsst.bulk --model M --input 'reviews/*.parquet' --output scored/ [--address ADDR]
 
 reads CSV, TSV, JSON lines, Parquet or text files (one text per line), scores the ``--text-column`` with
-``flaxsst.ray.ClassifierPredictor`` on an actor pool (one actor per node by default, each taking the whole
-node), and writes Parquet (default) or JSON lines files into ``--output`` with every input column plus
+``flaxsst.ray.ClassifierPredictor`` on an actor pool (one actor per node by default, each reserving all but one
+of its CPUs and using all its cores), and writes Parquet (default) or JSON lines files into ``--output`` with every input column plus
 ``label``, ``score`` and ``error``. Ray shows the progress; the command ends with a summary line (rows, errors,
 rows/s, where the output is) and writes it to ``--output``/``_SUCCESS``, so a reader can tell a finished
-output from one cut short. Without ``--address`` a Ray instance starts on this machine for the job (or the
+output from one cut short (SIGTERM and Ctrl-C stop the job and its Ray instance, exit 75). Without ``--address`` a Ray instance starts on this machine for the job (or the
 one in ``RAY_ADDRESS`` is used); with it, the job runs on that cluster, whose nodes must all read the model
 folder, the input and the output (a shared file system, or URIs such as ``s3://``).
 """
@@ -58,7 +58,7 @@ def input_files(patterns: Sequence[str]) -> tuple[list[str], str]:
             raise DataError(f"--input {pattern}: no file matches")
         for path in matched:
             if os.path.isdir(path):
-                inside = sorted(str(p) for p in Path(path).rglob("*")
+                inside = sorted(str(p.absolute()) for p in Path(path).rglob("*")
                                 if p.is_file() and not p.name.startswith((".", "_")))
                 if not inside:
                     raise DataError(f"--input {path}: the folder has no files")
@@ -90,19 +90,63 @@ def read(files: list[str], kind: str, text_column: str):
     return ray.data.read_text(files, drop_empty_lines=False, file_extensions=None)
 
 
-def check_output(output: str, overwrite: bool) -> None:
-    """A local ``--output`` must be a folder that is missing or empty (or ``--overwrite``: its files go)."""
+def check_output(output: str, overwrite: bool, files: Sequence[str]) -> None:
+    """A local ``--output`` must be a folder that is missing or empty, or ``--overwrite`` (its files go once every
+    other check has passed, ``clear_output``), and hold none of the input."""
     if "://" in output or not os.path.exists(output):
         return
     if not os.path.isdir(output):
         raise DataError(f"--output {output}: is a file, expected a folder")
-    if os.listdir(output):
-        if not overwrite:
-            raise DataError(f"--output {output}: the folder is not empty; give another folder, or --overwrite to "
-                            "replace what it holds")
+    inside = [path for path in files if os.path.commonpath([os.path.abspath(output), path]) == os.path.abspath(output)]
+    if inside:
+        raise DataError(f"--output {output}: holds the input file {inside[0]}; give another folder")
+    if os.listdir(output) and not overwrite:
+        raise DataError(f"--output {output}: the folder is not empty; give another folder, or --overwrite to "
+                        "replace what it holds")
+
+
+def clear_output(output: str) -> None:
+    """``--overwrite``: the files of a local ``--output`` go."""
+    if "://" not in output and os.path.isdir(output) and os.listdir(output):
         import shutil
 
         shutil.rmtree(output)
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """A ``HOST:PORT`` or ``ray://HOST:PORT`` address must answer a TCP connection within ``timeout`` seconds
+    (Ray itself retries a dead address for minutes); ``ConfigError`` names it. ``local`` and ``auto`` go to Ray."""
+    import socket
+
+    if address in ("local", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({e.strerror or e}); is its head "
+                          "running, and is this its address?") from None
+
+
+def job_error(error: BaseException) -> Exception | None:
+    """The user's problem behind an exception Ray raised from a task or an actor (a ``FlaxsstError`` of the
+    predictor, or a file that does not parse), as one line; None for anything else (a bug: it keeps its traceback)."""
+    from flaxsst.errors import FlaxsstError
+
+    seen, causes = set(), [error]
+    while causes:
+        cause = causes.pop()
+        if cause is None or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, FlaxsstError):
+            return cause
+        if type(cause).__name__ in ("ArrowInvalid", "UnicodeDecodeError") or isinstance(cause, FileNotFoundError):
+            return DataError(f"--input: {' '.join(str(cause).split())[:500]}")
+        causes.extend([cause.__cause__, getattr(cause, "cause", None)])
+    return None
 
 
 def cluster_nodes(ray) -> list[dict]:
@@ -114,6 +158,9 @@ def written(output: str, output_format: str, error_column: str) -> tuple[int, in
     """(rows, rows with an error, files) of what the job wrote."""
     import pyarrow.dataset as pads
 
+    if "://" not in output and not os.path.isdir(output):  # no row: Ray writes no file
+        os.makedirs(output, exist_ok=True)
+        return 0, 0, 0
     dataset = pads.dataset(output, format="parquet" if output_format == "parquet" else "json")
     rows = dataset.count_rows()
     errors = dataset.count_rows(filter=pads.field(error_column).is_valid()) if rows else 0
@@ -128,13 +175,21 @@ def main(args: argparse.Namespace) -> int:
     text_column = "text" if kind == "text" else args.text_column
     if kind == "text" and args.text_column != "text":
         raise ConfigError(f"--text-column {args.text_column}: text files have one column, 'text'")
-    check_output(args.output, args.overwrite)
-    resolve_model_dir(args.model, key="--model")  # a bad --model fails here, in one line, before the cluster starts
+    if args.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype {args.dtype}: expected float32 or bfloat16")
+    if args.max_length < 2:
+        raise ConfigError(f"--max-length {args.max_length}: must be at least 2")
+    if "://" not in args.output:  # every node is told the same absolute paths
+        args.output = os.path.abspath(args.output)
+    check_output(args.output, args.overwrite, files)
+    resolve_model_dir(args.model, key="--model")  # a bad --model fails here, in one line, before the cluster
+    model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
     for flag in ("actors", "cpus_per_actor", "batch_rows"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} {value}: must be positive")
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    check_address(address)
     if address == "local":
         # a Ray instance for this job alone, listening on the loopback only (as Ray's own does on macOS and
         # Windows) instead of the machine's address
@@ -150,6 +205,10 @@ def main(args: argparse.Namespace) -> int:
     smallest = min(node["Resources"]["CPU"] for node in nodes)
     per_node = math.ceil(actors / len(nodes))
     cpus = args.cpus_per_actor or (smallest - 1) / per_node
+    if per_node > smallest and not args.cpus_per_actor:
+        ray.shutdown()
+        raise ConfigError(f"--actors {actors}: {per_node} on a node of {smallest:g} CPUs; at most one per CPU "
+                          f"({int(smallest) * len(nodes)} on this cluster), each holds a model in memory")
     if cpus <= 0 or cpus * per_node > smallest - 1:
         ray.shutdown()
         raise ConfigError(f"--actors {actors} of {cpus:g} CPU: {per_node} on a node of {smallest:g} CPUs leave none "
@@ -161,20 +220,41 @@ def main(args: argparse.Namespace) -> int:
     dataset = read(files, kind, text_column)
     added = [args.label_column, args.score_column, args.error_column]
     try:
-        check_columns(dataset.columns(), text_column, added)
+        columns = dataset.columns()
+        if not columns:
+            raise DataError("--input: the files hold no rows")
+        check_columns(columns, text_column, added)
+    except DataError:
+        ray.shutdown()
+        raise
     except ValueError as e:
+        ray.shutdown()
         flag = {name: f"--{option}-column" for name, option in zip(added, OUTPUT_COLUMNS)}
         hint = next((f" ({flag[name]} names it)" for name in added if f"{name!r}" in str(e)), "")
         raise DataError(f"--input: {e}{hint}") from None
-    predictor_args = dict(model=args.model, text_column=text_column, all_scores=args.all_scores,
+    except Exception as e:
+        ray.shutdown()
+        raise job_error(e) or e from None
+    predictor_args = dict(model=model, text_column=text_column, all_scores=args.all_scores,
                           label_column=args.label_column, score_column=args.score_column,
                           error_column=args.error_column, dtype=args.dtype, max_length=args.max_length)
     scored = dataset.repartition(target_num_rows_per_block=args.batch_rows).map_batches(
         ClassifierPredictor, fn_constructor_kwargs=predictor_args,
         batch_size=args.batch_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus)
+    if args.overwrite:
+        clear_output(args.output)
     try:
         with handling(as_ctrl_c, [signal.SIGTERM]):
-            scored.write_parquet(args.output) if args.format == "parquet" else scored.write_json(args.output)
+            if args.format == "parquet":
+                scored.write_parquet(args.output)
+            else:  # pandas writes 10 decimals unless told; 15 keeps a score to 5e-16
+                scored.write_json(args.output, double_precision=15)
+    except Exception as e:
+        error = job_error(e)
+        if error is None:
+            raise
+        ray.shutdown()
+        raise error from None
     except KeyboardInterrupt:
         ray.shutdown()
         raise Interrupted(f"interrupted: {args.output} holds part of the rows and no {SUCCESS}; rerun the same "

@@ -99,6 +99,21 @@ def column_array(values: Any):
         return pa.array([None if value is None else unicode_text(value) for value in values], pa.string())
 
 
+def plain_columns(table):
+    """``table`` with each column of Python objects (Ray's type for a column whose cells Arrow cannot type as
+    one, as JSON lines mixing numbers and strings give) as strings of its cells: the files a job writes hold
+    Arrow's own types, never pickles."""
+    import pyarrow as pa
+
+    for index, field in enumerate(table.schema):
+        if isinstance(field.type, pa.ExtensionType) and not isinstance(field.type.storage_type, pa.StructType) \
+                and "object" in type(field.type).__name__.lower():
+            cells = table.column(index).to_pylist()
+            table = table.set_column(index, field.name, pa.array(
+                [None if cell_error(cell) == "text is missing" else unicode_text(cell) for cell in cells], pa.string()))
+    return table
+
+
 def unicode_text(value: Any) -> str:
     """``str(value)`` with each lone surrogate replaced by U+FFFD."""
     text = value if isinstance(value, str) else str(value)
@@ -145,7 +160,7 @@ class ClassifierPredictor:
 
         check_columns(batch_columns(batch), self.text_column, self.added_columns())
         cells = text_cells(batch, self.text_column)
-        table = as_table(batch)
+        table = plain_columns(as_table(batch))
         errors = [cell_error(cell) for cell in cells]
         good = np.array([i for i, error in enumerate(errors) if error is None], dtype=np.int64)
         probs = np.full((len(cells), len(self.labels)), np.nan)

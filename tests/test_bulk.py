@@ -49,17 +49,49 @@ def expected_labels(model_dir, texts):
     (["--input", "{tmp}/a.parquet", "--output", "{tmp}/full"], "--output {tmp}/full: the folder is not empty"),
     (["--input", "{tmp}/a.parquet", "--model", "{tmp}/no-model"], "--model"),
     (["--input", "{tmp}/a.parquet", "--actors", "0"], "--actors 0: must be positive"),
+    (["--input", "{tmp}/a.parquet", "--address", "127.0.0.1:{port}"], "--address 127.0.0.1:{port}: no Ray cluster answers"),
 ])
 def test_a_bad_argument_is_one_line_naming_it_before_ray_starts(tmp_path, tiny_model_dir, capsys, args, message):
     for name in ("a.parquet", "b.csv", "c.xlsx", "d.txt", "full/x"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("x\n")
     argv = ["--model", str(tiny_model_dir), "--output", str(tmp_path / "out"), *args]
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    port = str(free_port())  # nothing listens there
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{port}", port) for a in argv]
     assert bulk.console_main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in err and "\n" not in err
+    assert err.startswith("error: ") and "\n" not in err
+    assert message.replace("{tmp}", str(tmp_path)).replace("{port}", port) in err
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_keeps_the_old_output_when_an_argument_is_bad(tmp_path, capsys):
+    (tmp_path / "a.parquet").write_text("x")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "part.parquet").write_text("earlier results")
+    argv = ["--input", str(tmp_path / "a.parquet"), "--output", str(tmp_path / "old"), "--overwrite"]
+    assert bulk.console_main(["--model", str(tmp_path / "no-model"), *argv]) == 2
+    assert bulk.console_main(["--model", str(tmp_path / "no-model"), "--input", str(tmp_path / "old"),
+                              "--output", str(tmp_path / "old"), "--overwrite"]) == 2
+    assert "holds the input file" in capsys.readouterr().err
+    assert (tmp_path / "old" / "part.parquet").read_text() == "earlier results"
+
+
+def test_json_lines_mixing_types_are_written_as_text_with_error_values(tmp_path, tiny_model_dir):
+    rows = ['{"id": 1, "text": "the film was great"}', '{"id": "b2", "text": 7}', '{"id": 3, "text": null}',
+            '{"id": 4, "text": ["a", "list"]}', '{"id": 5}', '{"id": 6, "text": "a boring story"}']
+    source = tmp_path / "mixed.jsonl"
+    source.write_text("".join(row + "\n" for row in rows))
+    done = run_bulk(["--model", str(tiny_model_dir), "--input", str(source), "--output", str(tmp_path / "out")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = read_output(tmp_path / "out")  # one schema: Arrow's own types, no pickles
+    assert table.schema.field("id").type == pa.string() and table.schema.field("text").type == pa.string()
+    got = {row["id"]: row for row in table.to_pylist()}
+    assert [got[i]["error"] for i in ("1", "b2", "3", "4", "5", "6")] == [
+        None, "text is int, expected str", "text is missing", "text is list, expected str", "text is missing", None]
+    assert got["b2"]["text"] == "7" and got["5"]["text"] is None
+    assert [got["1"]["label"], got["6"]["label"]] == expected_labels(tiny_model_dir, ["the film was great",
+                                                                                      "a boring story"])
 
 
 def test_a_tsv_of_sentences_is_scored_into_json_lines_on_a_local_ray(tmp_path, tiny_model_dir):
@@ -152,6 +184,7 @@ def test_a_job_on_two_nodes_survives_its_worker_node_killed_mid_job(tmp_path, ti
         pq.write_table(pa.table({"id": list(rows), "text": [bad.get(i, texts[i]) for i in rows]}),
                        data / f"part{part}.parquet")
     port = free_port()
+    ray_env = {**ray_env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), ray_env.get("PYTHONPATH", "")])}
     head = RayNode(["--head", "--node-ip-address", "127.0.0.2", "--port", str(port), "--include-dashboard", "false"],
                    tmp_path / "head.log", ray_env)
     worker = None
@@ -161,10 +194,11 @@ def test_a_job_on_two_nodes_survives_its_worker_node_killed_mid_job(tmp_path, ti
                          tmp_path / "worker.log", ray_env)
         worker.wait_started()
         out = tmp_path / "scored"
-        job = subprocess.Popen([sys.executable, "-m", "flaxsst.bulk", "--model", str(tiny_model_dir), "--input",
-                                str(data), "--output", str(out), "--address", f"127.0.0.2:{port}", "--batch-rows", "50",
-                                "--max-length", str(MAX_LENGTH)], env=ray_env, stdout=subprocess.PIPE,
-                               stderr=(tmp_path / "job.log").open("w"), text=True)
+        # relative paths, from a folder the nodes do not run in: every node is given absolute ones
+        job = subprocess.Popen([sys.executable, "-m", "flaxsst.bulk", "--model", os.path.relpath(tiny_model_dir, tmp_path),
+                                "--input", "in", "--output", "scored", "--address", f"127.0.0.2:{port}", "--batch-rows",
+                                "50", "--max-length", str(MAX_LENGTH)], env=ray_env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=(tmp_path / "job.log").open("w"), text=True)
         # both nodes hold an actor, and the job has written part of its output: then the worker node dies
         deadline = time.monotonic() + 240
         while not (any("MapWorker" in " ".join(p.cmdline()) for p in worker.processes() if p.is_running())
