@@ -284,7 +284,11 @@ def main() -> None:
     fused.save_model_to_file(f"{work}/model_fused.onnx")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(f"{work}/model_fused.onnx", f"{work}/model_fused_int8.onnx", weight_type=QuantType.QInt8)
+    import onnx
+
+    # the fused graph's com.microsoft ops leave ONNX's shape inference without types: float32 is what they carry
+    quantize_dynamic(f"{work}/model_fused.onnx", f"{work}/model_fused_int8.onnx", weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     sessions = {"ort_fp32": ort_session(onnx_path, args.threads),
                 "ort_fused_fp32": ort_session(f"{work}/model_fused.onnx", args.threads),
                 "ort_fused_int8": ort_session(f"{work}/model_fused_int8.onnx", args.threads)}
