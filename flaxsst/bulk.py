@@ -97,7 +97,8 @@ def check_output(output: str, overwrite: bool, files: Sequence[str]) -> None:
         return
     if not os.path.isdir(output):
         raise DataError(f"--output {output}: is a file, expected a folder")
-    inside = [path for path in files if os.path.commonpath([os.path.abspath(output), path]) == os.path.abspath(output)]
+    folder = os.path.abspath(output)
+    inside = [path for path in files if "://" not in path and os.path.commonpath([folder, path]) == folder]
     if inside:
         raise DataError(f"--output {output}: holds the input file {inside[0]}; give another folder")
     if os.listdir(output) and not overwrite:
@@ -167,6 +168,25 @@ def written(output: str, output_format: str, error_column: str) -> tuple[int, in
     return rows, errors, len(dataset.files)
 
 
+def actor_pool(ray, args: argparse.Namespace) -> tuple[int, float, list[dict]]:
+    """(actors, CPUs each reserves, the cluster's nodes): one actor per node unless ``--actors``, at most one per
+    CPU; an actor's XLA runs on every core of its node, and one CPU of each node stays for reading and writing,
+    or the job waits forever (``ConfigError`` for a setting that leaves none)."""
+    nodes = cluster_nodes(ray)
+    actors = args.actors or len(nodes)
+    smallest = min(node["Resources"]["CPU"] for node in nodes)
+    per_node = math.ceil(actors / len(nodes))
+    cpus = args.cpus_per_actor or (smallest - 1) / per_node
+    if per_node > smallest and not args.cpus_per_actor:
+        raise ConfigError(f"--actors {actors}: {per_node} on a node of {smallest:g} CPUs; at most one per CPU "
+                          f"({int(smallest) * len(nodes)} on this cluster), each holds a model in memory")
+    if cpus <= 0 or cpus * per_node > smallest - 1:
+        raise ConfigError(f"--actors {actors} of {cpus:g} CPU: {per_node} on a node of {smallest:g} CPUs leave none "
+                          "of its CPUs for reading and writing (Ray Data's tasks take one), and the job would wait "
+                          "forever; give fewer --actors or --cpus-per-actor, or nodes of 2 CPUs or more")
+    return actors, cpus, nodes
+
+
 def main(args: argparse.Namespace) -> int:
     from flaxsst.hub import resolve_model_dir
     from flaxsst.ray import OUTPUT_COLUMNS, ClassifierPredictor, check_columns
@@ -198,68 +218,47 @@ def main(args: argparse.Namespace) -> int:
 
     began = time.perf_counter()
     ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
-    nodes = cluster_nodes(ray)
-    actors = args.actors or len(nodes)
-    # an actor's XLA runs on every core of its node; one CPU of each node stays for reading and writing, or the
-    # job waits forever
-    smallest = min(node["Resources"]["CPU"] for node in nodes)
-    per_node = math.ceil(actors / len(nodes))
-    cpus = args.cpus_per_actor or (smallest - 1) / per_node
-    if per_node > smallest and not args.cpus_per_actor:
-        ray.shutdown()
-        raise ConfigError(f"--actors {actors}: {per_node} on a node of {smallest:g} CPUs; at most one per CPU "
-                          f"({int(smallest) * len(nodes)} on this cluster), each holds a model in memory")
-    if cpus <= 0 or cpus * per_node > smallest - 1:
-        ray.shutdown()
-        raise ConfigError(f"--actors {actors} of {cpus:g} CPU: {per_node} on a node of {smallest:g} CPUs leave none "
-                          "of its CPUs for reading and writing (Ray Data's tasks take one), and the job would wait "
-                          "forever; give fewer --actors or --cpus-per-actor, or nodes of 2 CPUs or more")
-    print(f"bulk: {len(files)} {kind} file(s), {actors} actor(s) of {cpus:g} CPU on {len(nodes)} node(s)",
-          file=sys.stderr, flush=True)
-    ray.data.DataContext.get_current().execution_options.preserve_order = args.preserve_order
-    dataset = read(files, kind, text_column)
-    added = [args.label_column, args.score_column, args.error_column]
-    try:
-        columns = dataset.columns()
+    try:  # whatever ends the job, the Ray instance it started goes with it
+        actors, cpus, nodes = actor_pool(ray, args)
+        print(f"bulk: {len(files)} {kind} file(s), {actors} actor(s) of {cpus:g} CPU on {len(nodes)} node(s)",
+              file=sys.stderr, flush=True)
+        ray.data.DataContext.get_current().execution_options.preserve_order = args.preserve_order
+        dataset = read(files, kind, text_column)
+        try:
+            columns = dataset.columns()
+        except Exception as e:
+            raise job_error(e) or e from None
         if not columns:
             raise DataError("--input: the files hold no rows")
-        check_columns(columns, text_column, added)
-    except DataError:
+        added = [args.label_column, args.score_column, args.error_column]
+        try:
+            check_columns(columns, text_column, added)
+        except ValueError as e:
+            flag = {name: f"--{option}-column" for name, option in zip(added, OUTPUT_COLUMNS)}
+            hint = next((f" ({flag[name]} names it)" for name in added if f"{name!r}" in str(e)), "")
+            raise DataError(f"--input: {e}{hint}") from None
+        predictor_args = dict(model=model, text_column=text_column, all_scores=args.all_scores,
+                              label_column=args.label_column, score_column=args.score_column,
+                              error_column=args.error_column, dtype=args.dtype, max_length=args.max_length)
+        scored = dataset.repartition(target_num_rows_per_block=args.batch_rows).map_batches(
+            ClassifierPredictor, fn_constructor_kwargs=predictor_args, batch_size=args.batch_rows,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus)
+        if args.overwrite:
+            clear_output(args.output)
+        try:
+            with handling(as_ctrl_c, [signal.SIGTERM]):
+                if args.format == "parquet":
+                    scored.write_parquet(args.output)
+                else:  # pandas writes 10 decimals unless told; 15 keeps a score to 5e-16
+                    scored.write_json(args.output, double_precision=15)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: {args.output} holds part of the rows and no {SUCCESS}; rerun the "
+                              "same command with --overwrite") from None
+        except Exception as e:
+            raise job_error(e) or e from None
+        seconds = time.perf_counter() - began
+    finally:
         ray.shutdown()
-        raise
-    except ValueError as e:
-        ray.shutdown()
-        flag = {name: f"--{option}-column" for name, option in zip(added, OUTPUT_COLUMNS)}
-        hint = next((f" ({flag[name]} names it)" for name in added if f"{name!r}" in str(e)), "")
-        raise DataError(f"--input: {e}{hint}") from None
-    except Exception as e:
-        ray.shutdown()
-        raise job_error(e) or e from None
-    predictor_args = dict(model=model, text_column=text_column, all_scores=args.all_scores,
-                          label_column=args.label_column, score_column=args.score_column,
-                          error_column=args.error_column, dtype=args.dtype, max_length=args.max_length)
-    scored = dataset.repartition(target_num_rows_per_block=args.batch_rows).map_batches(
-        ClassifierPredictor, fn_constructor_kwargs=predictor_args,
-        batch_size=args.batch_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus)
-    if args.overwrite:
-        clear_output(args.output)
-    try:
-        with handling(as_ctrl_c, [signal.SIGTERM]):
-            if args.format == "parquet":
-                scored.write_parquet(args.output)
-            else:  # pandas writes 10 decimals unless told; 15 keeps a score to 5e-16
-                scored.write_json(args.output, double_precision=15)
-    except Exception as e:
-        error = job_error(e)
-        if error is None:
-            raise
-        ray.shutdown()
-        raise error from None
-    except KeyboardInterrupt:
-        ray.shutdown()
-        raise Interrupted(f"interrupted: {args.output} holds part of the rows and no {SUCCESS}; rerun the same "
-                          "command with --overwrite") from None
-    seconds = time.perf_counter() - began
     rows, errors, count = written(args.output, args.format, args.error_column)
     summary = {"rows": rows, "errors": errors, "seconds": round(seconds, 2),
                "rows_per_second": round(rows / max(seconds, 1e-9), 1), "output": args.output,

@@ -4,7 +4,7 @@
 >>> from flaxsst.ray import ClassifierPredictor
 >>> ds = ray.data.read_parquet("reviews/")
 >>> ds = ds.map_batches(ClassifierPredictor, fn_constructor_kwargs={"model": "/models/sst2"},
-...                     batch_size=1024, batch_format="pyarrow", concurrency=4)
+...                     batch_size=1024, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=4))
 >>> ds.write_parquet("scored/")
 
 Each actor loads the model once (the program store and JAX's compilation cache make a second start on a
