@@ -30,6 +30,9 @@ from flaxsst.errors import ConfigError, DataError, Interrupted
 from flaxsst.metric_log import duration
 from flaxsst.signals import as_ctrl_c, handling
 
+# seconds the cluster has to reserve the actors' CPUs (actor_places)
+PLACEMENT_TIMEOUT = 120
+
 # input kinds by file name ending
 KINDS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".ndjson": "json",
          ".json": "json", ".txt": "text"}
@@ -187,6 +190,22 @@ def actor_pool(ray, args: argparse.Namespace) -> tuple[int, float, list[dict]]:
     return actors, cpus, nodes
 
 
+def actor_places(ray, actors: int, cpus: float, nodes: int):
+    """The actors' scheduling strategy: a placement group of one bundle per node (``STRICT_SPREAD``), each
+    room for its node's share of the actors. An actor of a node that dies restarts only in its own bundle,
+    which waits for a node without one: never beside a live actor, where it would take the CPU Ray Data's
+    reads and writes need while the live actor's output waits for them, and the job would never end."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    per_node = math.ceil(actors / nodes)
+    group = placement_group([{"CPU": cpus * per_node}] * math.ceil(actors / per_node), strategy="STRICT_SPREAD")
+    if not group.wait(timeout_seconds=PLACEMENT_TIMEOUT):
+        raise ConfigError(f"the cluster did not give {actors} actor(s) {cpus:g} CPU each, {per_node} a node, within "
+                          f"{PLACEMENT_TIMEOUT} s (other jobs hold its CPUs?); give fewer --actors or --cpus-per-actor")
+    return PlacementGroupSchedulingStrategy(group)
+
+
 def main(args: argparse.Namespace) -> int:
     from flaxsst.hub import resolve_model_dir
     from flaxsst.ray import OUTPUT_COLUMNS, ClassifierPredictor, check_columns
@@ -195,8 +214,8 @@ def main(args: argparse.Namespace) -> int:
     text_column = "text" if kind == "text" else args.text_column
     if kind == "text" and args.text_column != "text":
         raise ConfigError(f"--text-column {args.text_column}: text files have one column, 'text'")
-    if args.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype {args.dtype}: expected float32 or bfloat16")
+    if args.dtype not in ("float32", "bfloat16", "int8"):
+        raise ConfigError(f"--dtype {args.dtype}: expected float32, bfloat16 or int8")
     if args.max_length < 2:
         raise ConfigError(f"--max-length {args.max_length}: must be at least 2")
     if "://" not in args.output:  # every node is told the same absolute paths
@@ -242,7 +261,8 @@ def main(args: argparse.Namespace) -> int:
                               error_column=args.error_column, dtype=args.dtype, max_length=args.max_length)
         scored = dataset.repartition(target_num_rows_per_block=args.batch_rows).map_batches(
             ClassifierPredictor, fn_constructor_kwargs=predictor_args, batch_size=args.batch_rows,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus)
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus,
+            scheduling_strategy=actor_places(ray, actors, cpus, len(nodes)))
         if args.overwrite:
             clear_output(args.output)
         try:
@@ -293,7 +313,8 @@ def parser() -> cli.ArgumentParser:
     p.add_argument("--batch-rows", type=int, default=1024, help="rows per batch an actor is given (default: 1024)")
     p.add_argument("--preserve-order", action="store_true", help="write the rows in input order (slower)")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--dtype", default="float32",
+                   help="compute dtype: float32, bfloat16, or int8 (int8 dense layers on an x86-64 CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --output")
     return p
 
