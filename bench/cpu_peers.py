@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+PEERS = ("torch_fp32", "torch_bf16", "torch_int8", "ort_fp32", "ort_fused_fp32", "ort_fused_int8")
 ONE_SENTENCE = "Today was an amazing day, and the film was better than I expected!"
 
 
@@ -232,6 +233,7 @@ def main() -> None:
     parser.add_argument("--latency-calls", type=int, default=200, help="calls on the fixed sentence, all rounds together")
     parser.add_argument("--latency-rounds", type=int, default=2, help="rounds of each latency, every runner once a round")
     parser.add_argument("--skip-cold-start", action="store_true")
+    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS, help="the peers to run (default: all)")
     args = parser.parse_args()
     if args.plot_from:
         if not args.png:
@@ -260,6 +262,7 @@ def main() -> None:
     work, reference = random_model_dir(args.tokenizer_dir, "cpu_peers_")
     flax_fp32 = Classifier.from_pretrained(work)
     flax_bf16 = Classifier.from_pretrained(work, dtype=jnp.bfloat16)
+    flax_int8 = Classifier.from_pretrained(work, dtype="int8")
     ids = flax_fp32.encode(texts)
     one_ids = flax_fp32.encode([ONE_SENTENCE])
     meta = {"date": time.strftime("%Y-%m-%d"), **cpu_facts(), "threads": args.threads, "texts": len(texts),
@@ -299,6 +302,7 @@ def main() -> None:
 
     peers = {"torch_fp32": torch_fn(False), "torch_bf16": torch_fn(True), "torch_int8": torch_fn(False, torch_int8),
              **{name: ort_fn(sess) for name, sess in sessions.items()}}
+    peers = {name: fn for name, fn in peers.items() if name in args.peers}
 
     def gather(fn, batch_size):
         out = np.zeros((len(ids), 2), np.float32)
@@ -306,14 +310,15 @@ def main() -> None:
             out[chunk] = fn(input_ids, mask)
         return out
 
-    truth = gather(peers["torch_fp32"], 32)
+    truth = gather(torch_fn(False), 32)
     flax_serial = Classifier.from_pretrained(work, concurrent_batches=1)  # the lever: one batch at a time
     runs = {"flaxsst_fp32": lambda: flax_fp32.logits(texts), "flaxsst_bf16": lambda: flax_bf16.logits(texts),
+            "flaxsst_int8": lambda: flax_int8.logits(texts),
             "flaxsst_fp32_one_batch_at_a_time": lambda: flax_serial.logits(texts)}
     for name, fn in peers.items():
         for batch_size in args.peer_batch_sizes:
             runs[f"{name}@{batch_size}"] = lambda fn=fn, batch_size=batch_size: gather(fn, batch_size)
-    for name in ("flaxsst_fp32", "flaxsst_bf16"):  # first calls compile: timed apart
+    for name in ("flaxsst_fp32", "flaxsst_bf16", "flaxsst_int8"):  # first calls compile: timed apart
         start = time.perf_counter()
         runs[name]()
         programs = {(batch.rows, batch.length) for batch in flax_fp32.shapes.plan([len(seq) for seq in ids])}
@@ -336,6 +341,7 @@ def main() -> None:
         return run
 
     single = {"flaxsst_fp32": lambda text: flax_fp32.logits([text]), "flaxsst_bf16": lambda text: flax_bf16.logits([text]),
+              "flaxsst_int8": lambda text: flax_int8.logits([text]),
               **{name: peer_text_fn(fn) for name, fn in peers.items()}}
     if [wordpiece.encode(text).ids for text in texts] != ids:
         raise SystemExit(f"{work}/tokenizer.json does not give the peers flaxsst's token ids")
@@ -360,31 +366,47 @@ def main() -> None:
         for state in ("empty_cache", "warm_cache"):
             emit({"what": "cold_start", "cache": state, **cold_start(work, cache)})
 
-    def fastest(prefixes):
-        candidates = {k: v for k, v in seconds.items() if k.startswith(prefixes)}
+    def fastest(prefixes, figures=None):  # the fastest peer of these kinds that ran: (name, its figure)
+        figures = seconds if figures is None else figures
+        candidates = {k: v for k, v in figures.items() if k.startswith(prefixes)}
+        if not candidates:
+            return None, None
         name = min(candidates, key=candidates.get)
         return name, candidates[name]
 
-    fp32_peer, fp32_peer_s = fastest(("torch_fp32", "ort_fp32", "ort_fused_fp32"))
+    def ratio(a, b):
+        return round(a / b, 2) if a is not None and b is not None else None
+
+    fp32_peers, int8_peers = ("torch_fp32", "ort_fp32", "ort_fused_fp32"), ("torch_int8", "ort_fused_int8")
+    fp32_peer, fp32_peer_s = fastest(fp32_peers)
     bf16_peer, bf16_peer_s = fastest(("torch_bf16",))
-    int8_peer, int8_peer_s = fastest(("torch_int8", "ort_fused_int8"))
-    one_peer = min(("ort_fp32", "ort_fused_fp32", "torch_fp32"), key=lambda k: latency[k]["median_ms"])
-    traffic_peer = min(("ort_fp32", "ort_fused_fp32", "torch_fp32"), key=lambda k: one_at_a_time[k]["median_ms"])
+    int8_peer, int8_peer_s = fastest(int8_peers)
+    medians = {name: figures["median_ms"] for name, figures in latency.items()}
+    traffic = {name: figures["median_ms"] for name, figures in one_at_a_time.items()}
+    one_peer, one_peer_ms = fastest(fp32_peers, medians)
+    one_int8_peer, one_int8_peer_ms = fastest(int8_peers, medians)
+    traffic_peer, traffic_peer_ms = fastest(fp32_peers, traffic)
+    traffic_int8_peer, traffic_int8_peer_ms = fastest(int8_peers, traffic)
+    fp32_logits, bf16_logits, int8_logits = flax_fp32.logits(texts), flax_bf16.logits(texts), flax_int8.logits(texts)
     emit({
         "what": "summary",
-        "fastest_fp32_peer": fp32_peer, "flaxsst_fp32_time_vs_it": round(seconds["flaxsst_fp32"] / fp32_peer_s, 2),
-        "fastest_bf16_peer": bf16_peer, "flaxsst_bf16_time_vs_it": round(seconds["flaxsst_bf16"] / bf16_peer_s, 2),
-        "fastest_int8_peer": int8_peer, "flaxsst_fp32_time_vs_int8_peer": round(seconds["flaxsst_fp32"] / int8_peer_s, 2),
-        "flaxsst_bf16_time_vs_int8_peer": round(seconds["flaxsst_bf16"] / int8_peer_s, 2),
-        "flaxsst_bf16_vs_fp32_label_agreement": float(np.mean(flax_bf16.logits(texts).argmax(1) == flax_fp32.logits(texts).argmax(1))),
-        "flaxsst_bf16_vs_fp32_max_abs_logit_diff": float(np.abs(flax_bf16.logits(texts) - flax_fp32.logits(texts)).max()),
+        "fastest_fp32_peer": fp32_peer, "flaxsst_fp32_time_vs_it": ratio(seconds["flaxsst_fp32"], fp32_peer_s),
+        "fastest_bf16_peer": bf16_peer, "flaxsst_bf16_time_vs_it": ratio(seconds["flaxsst_bf16"], bf16_peer_s),
+        "fastest_int8_peer": int8_peer, "flaxsst_int8_time_vs_it": ratio(seconds["flaxsst_int8"], int8_peer_s),
+        "flaxsst_fp32_time_vs_int8_peer": ratio(seconds["flaxsst_fp32"], int8_peer_s),
+        "flaxsst_bf16_time_vs_int8_peer": ratio(seconds["flaxsst_bf16"], int8_peer_s),
+        "flaxsst_bf16_vs_fp32_label_agreement": float(np.mean(bf16_logits.argmax(1) == fp32_logits.argmax(1))),
+        "flaxsst_bf16_vs_fp32_max_abs_logit_diff": float(np.abs(bf16_logits - fp32_logits).max()),
+        "flaxsst_int8_vs_fp32_label_agreement": float(np.mean(int8_logits.argmax(1) == fp32_logits.argmax(1))),
+        "flaxsst_int8_vs_fp32_max_abs_logit_diff": float(np.abs(int8_logits - fp32_logits).max()),
         "one_sentence_fastest_peer": one_peer,
-        "one_sentence_flaxsst_fp32_vs_it": round(latency["flaxsst_fp32"]["median_ms"] / latency[one_peer]["median_ms"], 2),
+        "one_sentence_flaxsst_fp32_vs_it": ratio(medians["flaxsst_fp32"], one_peer_ms),
+        "one_sentence_fastest_int8_peer": one_int8_peer,
+        "one_sentence_flaxsst_int8_vs_it": ratio(medians["flaxsst_int8"], one_int8_peer_ms),
         "one_at_a_time_fastest_peer": traffic_peer,
-        "one_at_a_time_flaxsst_fp32_median_vs_it": round(
-            one_at_a_time["flaxsst_fp32"]["median_ms"] / one_at_a_time[traffic_peer]["median_ms"], 2),
-        "one_at_a_time_flaxsst_fp32_mean_vs_it": round(
-            one_at_a_time["flaxsst_fp32"]["mean_ms"] / one_at_a_time[traffic_peer]["mean_ms"], 2),
+        "one_at_a_time_flaxsst_fp32_median_vs_it": ratio(traffic["flaxsst_fp32"], traffic_peer_ms),
+        "one_at_a_time_fastest_int8_peer": traffic_int8_peer,
+        "one_at_a_time_flaxsst_int8_median_vs_it": ratio(traffic["flaxsst_int8"], traffic_int8_peer_ms),
     })
     if args.png:
         plot(records, args.png)

@@ -7,8 +7,8 @@
 Inputs are sorted by length, cut into batches, and each batch is padded to one of a fixed
 set of shapes close to what it needs (``flaxsst.batching``: on a CPU 24 texts padded by less than
 1/8 of the longest's length, with no padding rows), so repeated calls reuse compiled programs. On
-a CPU two batches run at once (``CPU_CONCURRENT_BATCHES``), and float32 dense layers run
-``flaxsst.packed_dot``. Results come back in input order.
+a CPU two batches run at once (``CPU_CONCURRENT_BATCHES``), float32 dense layers run
+``flaxsst.packed_dot``, and with ``dtype="int8"`` the int8 products of ``flaxsst.int8``. Results come back in input order.
 
 The inference core: the predict command line (``flaxsst.predict``), the server (``flaxsst.serve``),
 the bias probe and the benches all call it.
@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import threading
 from typing import Any, Callable, Sequence
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flaxsst import packed_dot
+from flaxsst import int8, packed_dot
 from flaxsst.batching import BatchShapes
 from flaxsst.config import ModelConfig
 from flaxsst.errors import ConfigError
@@ -50,6 +51,8 @@ CPU_CONCURRENT_BATCHES = 2
 # tokens, slower from 24 (bench/RESULTS.md). The option leaves XLA's YNNPACK fusion list empty.
 CPU_SMALL_BATCH_TOKENS = 22
 CPU_PLAIN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+log = logging.getLogger(__name__)
 
 
 def validate_texts(texts: Any) -> list[str]:
@@ -78,8 +81,9 @@ class Classifier:
     """Sequence classification with a flaxsst DistilBERT.
 
     ``clf(texts)`` -> ``[{"label": ..., "score": ...}, ...]``; ``clf.logits(texts)`` ->
-    float32 ``[n, num_labels]``. ``dtype`` is the compute dtype (``precision`` holds what the model
-    runs with, ``forward`` the jitted ``(params, input_ids, attention_mask) -> logits``).
+    float32 ``[n, num_labels]``. ``dtype`` is the compute dtype, or ``"int8"`` for int8 dense layers on an
+    x86-64 CPU (``int8_lanes`` then non-zero; ``precision`` holds what the model runs with, ``forward``
+    the jitted ``(params, input_ids, attention_mask) -> logits``).
     ``batch_size`` and ``length_step`` set the batch shapes (``flaxsst.batching``; default: this
     backend's), or ``lengths`` lists the padded lengths (``flaxsst.batching.serving_lengths``: a server's);
     ``concurrent_batches``, how many run at once (default: ``CPU_CONCURRENT_BATCHES`` on a CPU, 1
@@ -117,22 +121,16 @@ class Classifier:
         self.tokenizer = Tokenizer(tokenizer.backend, max_length, tokenizer.lowercase)
         self.batch_size = self.shapes.batch_size
         self.max_length = max_length
-        precision = Precision(dtype, float32_accumulation=backend == "cpu")
-        params = inference_params(params, precision.dtype)
-        # float32 on a CPU: every dense layer runs flaxsst.packed_dot over kernels packed for it (0.68-0.79x
-        # the time of XLA's and YNNPACK's dots at 1-24 rows, 0.99x at 1536; bench/RESULTS.md); where it
-        # cannot, XLA's dots for the smallest batches and YNNPACK's for the rest
+        precision, params = cpu_dense_layers(dtype, params, backend, build_kernel)
+        self.packed_lanes, self.int8_lanes = precision.packed_lanes, precision.int8_lanes
         cpu_float32 = backend == "cpu" and precision.dtype == jnp.float32
-        self.packed_lanes = (packed_dot.load(build=build_kernel) or 0) if cpu_float32 else 0
-        if self.packed_lanes:
-            precision = dataclasses.replace(precision, packed_lanes=self.packed_lanes)
-            params = packed_dot.pack_params(params, self.packed_lanes)
         self.params = jax.device_put(params)
         self.precision = precision
         model = DistilBertForSequenceClassification(config, precision)
         apply = lambda p, ids, mask: model.apply({"params": p}, ids, mask, deterministic=True)  # noqa: E731
         self.forward = jax.jit(apply)
-        self.small_forward = plain_dot_forward(apply) if cpu_float32 and not self.packed_lanes else None
+        plain = cpu_float32 and not (self.packed_lanes or self.int8_lanes)
+        self.small_forward = plain_dot_forward(apply) if plain else None
         self.programs: dict[tuple[int, int], Callable] = {}  # (rows, length) -> its executable, once warm
         self.programs_compiled = 0
 
@@ -304,6 +302,42 @@ def plain_dot_forward(apply):
     except (RuntimeError, TypeError):  # JaxRuntimeError: "No such compile option"
         return None
     return jax.jit(apply, compiler_options=CPU_PLAIN_DOTS)
+
+
+def cpu_dense_layers(dtype: Any, params: dict, backend: str, build_kernel: bool) -> tuple[Precision, dict]:
+    """The ``Precision`` a Classifier of ``dtype`` runs with on ``backend``, and ``params`` made ready for it.
+
+    float32 on a CPU: every dense layer runs flaxsst.packed_dot over kernels packed for it (0.68-0.79x the
+    time of XLA's and YNNPACK's dots at 1-24 rows, 0.99x at 1536; bench/RESULTS.md); where it cannot, XLA's
+    dots for the smallest batches and YNNPACK's for the rest. int8: the dense layers' products in int8
+    (flaxsst.int8) where this CPU runs the kernel, else float32, with a warning."""
+    int8_lanes = 0
+    if is_int8(dtype):
+        dtype = jnp.float32
+        if backend == "cpu" and packed_dot.int8_levels(build=build_kernel):
+            int8_lanes = packed_dot.load(build=build_kernel)
+        else:
+            log.warning("dtype int8 runs on an x86-64 CPU with AVX2 (or AVX-512BW) and a C++ compiler; this "
+                        "%s runs float32", "CPU" if backend == "cpu" else backend)
+    try:
+        precision = Precision(dtype, float32_accumulation=backend == "cpu")
+    except ConfigError as e:
+        raise ConfigError(f"{e}, or 'int8'") from None
+    params = inference_params(params, precision.dtype)
+    if int8_lanes:
+        return dataclasses.replace(precision, int8_lanes=int8_lanes), int8.quantize_params(params, int8_lanes)
+    packed_lanes = packed_dot.load(build=build_kernel) if backend == "cpu" and precision.dtype == jnp.float32 else 0
+    if packed_lanes:
+        return dataclasses.replace(precision, packed_lanes=packed_lanes), packed_dot.pack_params(params, packed_lanes)
+    return precision, params
+
+
+def is_int8(dtype: Any) -> bool:
+    """Whether ``dtype`` asks for int8 dense layers: ``"int8"`` or ``jnp.int8``."""
+    try:
+        return jnp.dtype(dtype) == jnp.dtype(jnp.int8)
+    except TypeError:
+        return False
 
 
 def inference_params(params: dict, dtype: Any) -> dict:

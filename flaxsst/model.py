@@ -30,6 +30,7 @@ from flaxsst.attention import attention as tpu_attention
 from flaxsst.attention import supported as tpu_attention_supported
 from flaxsst.config import ATTENTION_CHOICES, ATTENTION_KINDS, ModelConfig, parse_dtype
 from flaxsst.errors import ConfigError
+from flaxsst.int8 import Int8Dense
 from flaxsst.packed_dot import packed_dot_general, packs
 
 
@@ -47,13 +48,15 @@ class Precision:
 
     ``packed_lanes``: float32 on a CPU, every dense layer whose outputs are a multiple of it runs
     ``flaxsst.packed_dot`` over a kernel packed in panels of that many columns (``pack_params``);
-    0, XLA's dots."""
+    0, XLA's dots. ``int8_lanes``: likewise, each such layer runs ``flaxsst.int8``'s int8 dot over a kernel
+    quantized and packed for it (``flaxsst.int8.quantize_params``)."""
 
     dtype: Any = jnp.float32
     residual_dtype: Any = None
     attention: str = "auto"
     float32_accumulation: bool = False
     packed_lanes: int = 0
+    int8_lanes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -63,6 +66,9 @@ class Precision:
             raise ConfigError(f"attention={self.attention!r}; expected {ATTENTION_CHOICES}")
         if self.packed_lanes and self.dtype != jnp.dtype(jnp.float32):
             raise ConfigError(f"packed_lanes={self.packed_lanes} runs float32 dots; dtype is {self.dtype}")
+        if self.int8_lanes and (self.dtype != jnp.dtype(jnp.float32) or self.packed_lanes):
+            raise ConfigError(f"int8_lanes={self.int8_lanes} takes float32 inputs and no packed_lanes; dtype is "
+                              f"{self.dtype}, packed_lanes {self.packed_lanes}")
 
     @property
     def layer_norm_dtype(self) -> Any:
@@ -98,6 +104,8 @@ def _float32_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_
 def _dense(config: ModelConfig, precision: Precision, features: int, name: str):
     """``nn.Dense`` named ``name``; with ``float32_accumulation``, its float32 result rounded once to dtype."""
     accumulate = _accumulates_in_float32(precision)
+    if packs(features, precision.int8_lanes):
+        return Int8Dense(features, name=name)
     if packs(features, precision.packed_lanes):
         return nn.Dense(features, dtype=jnp.float32, kernel_init=nn.initializers.normal(config.initializer_range),
                         dot_general=packed_dot_general, name=name)

@@ -40,6 +40,7 @@ import numpy as np
 from flaxsst.paths import cache_home
 
 TARGET = "flaxsst_packed_dot"
+INT8_TARGET = "flaxsst_int8_dot"  # flaxsst.int8's dot, in the same library
 SOURCE = Path(__file__).with_name("kernels") / "packed_dot.cc"
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def cpu_flags() -> str:
 
 
 _LOCK = threading.Lock()
+_INT8: dict[int, tuple[int, bool]] = {}  # the loaded kernel's lanes -> its int8 dot's (levels, AMX tiles)
 
 
 def load(build: bool = True) -> int | None:
@@ -101,6 +103,10 @@ def _load(build: bool) -> int | None:
         lib = ctypes.cdll.LoadLibrary(str(library))
         lanes = int(lib.flaxsst_packed_dot_lanes())
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.flaxsst_packed_dot), platform="cpu")
+        levels = int(lib.flaxsst_int8_dot_levels())
+        if levels:
+            jax.ffi.register_ffi_target(INT8_TARGET, jax.ffi.pycapsule(lib.flaxsst_int8_dot), platform="cpu")
+        _INT8[lanes] = (levels, bool(lib.flaxsst_int8_dot_amx()))
     except subprocess.CalledProcessError as e:
         last = (e.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
         log.warning("compiling %s failed (%s); using XLA's dots", SOURCE, last[0])
@@ -109,6 +115,20 @@ def _load(build: bool) -> int | None:
         log.warning("the packed dots could not be loaded from %s (%s); using XLA's dots", library, e)
         return None
     return lanes
+
+
+def int8_levels(build: bool = True) -> int:
+    """The levels the int8 dot quantizes an input row to (255 with VNNI, 127 with AVX2's or AVX-512BW's
+    ``vpmaddubsw``), registering it as ``load(build)`` does; 0 where it cannot run here."""
+    lanes = load(build)
+    return _INT8.get(lanes, (0, False))[0] if lanes else 0
+
+
+def int8_amx(build: bool = True) -> bool:
+    """Whether the int8 dot multiplies batches of 16 rows or more with AMX tiles here (a CPU with amx_int8,
+    Linux granting the tiles, ``FLAXSST_INT8_AMX`` not 0); below that, and elsewhere, ``vpdpbusd``/``vpmaddubsw``."""
+    lanes = load(build)
+    return _INT8.get(lanes, (0, False))[1] if lanes else False
 
 
 def _compiler() -> str | None:

@@ -8,8 +8,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -124,6 +132,339 @@ static ffi::Error PackedDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   while (work->finished.load(std::memory_order_acquire) < work->chunks) _mm_pause();
   return ffi::Error::Success();
 }
+
+// int8: y[M, N] = x[M, K] @ W with W quantized per output column (int8 in [-127, 127], w = q * scale[n]) and
+// each row of x quantized at run time to unsigned levels with its own scale and zero point (zero exact):
+// y[m, n] = (sum_k xq[m, k] q[k, n] - zero[m] * sum_k q[k, n]) * (xscale[m] * scale[n]), summed in int32.
+// W is packed in panels of LANES columns as groups of 4 k: panel p holds K/4 blocks of LANES x 4 int8, the
+// 4 consecutive k of one column together, as vpdpbusd multiplies and sums them.
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+using IVec = __m512i;
+constexpr int kLevels = 255;  // vpdpbusd sums u8 x s8 products in int32: no overflow
+static inline IVec IZero() { return _mm512_setzero_si512(); }
+static inline IVec ILoad(const int8_t* p) { return _mm512_loadu_si512(p); }
+static inline IVec Splat4(const uint8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
+static inline IVec Dot4(IVec acc, IVec x, IVec w) { return _mm512_dpbusd_epi32(acc, x, w); }
+static inline Vec Dequantize(IVec acc, int32_t zero, const int32_t* sums, Vec scale) {
+  IVec centred = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(zero), _mm512_loadu_si512(sums)));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(centred), scale);
+}
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
+using IVec = __m512i;
+constexpr int kLevels = 127;  // vpmaddubsw sums two u8 x s8 products in int16: 2 * 127 * 127 fits
+static inline IVec IZero() { return _mm512_setzero_si512(); }
+static inline IVec ILoad(const int8_t* p) { return _mm512_loadu_si512(p); }
+static inline IVec Splat4(const uint8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
+static inline IVec Dot4(IVec acc, IVec x, IVec w) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(x, w), _mm512_set1_epi16(1)));
+}
+static inline Vec Dequantize(IVec acc, int32_t zero, const int32_t* sums, Vec scale) {
+  IVec centred = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(zero), _mm512_loadu_si512(sums)));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(centred), scale);
+}
+#elif defined(__AVX2__) && !defined(__AVX512F__)
+using IVec = __m256i;
+#if defined(__AVXVNNI__)
+constexpr int kLevels = 255;
+static inline IVec Dot4(IVec acc, IVec x, IVec w) { return _mm256_dpbusd_avx_epi32(acc, x, w); }
+#else
+constexpr int kLevels = 127;  // vpmaddubsw sums two u8 x s8 products in int16: 2 * 127 * 127 fits
+static inline IVec Dot4(IVec acc, IVec x, IVec w) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
+}
+#endif
+static inline IVec IZero() { return _mm256_setzero_si256(); }
+static inline IVec ILoad(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline IVec Splat4(const uint8_t* p) { return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
+static inline Vec Dequantize(IVec acc, int32_t zero, const int32_t* sums, Vec scale) {
+  IVec centred = _mm256_sub_epi32(
+      acc, _mm256_mullo_epi32(_mm256_set1_epi32(zero), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums))));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(centred), scale);
+}
+#else
+#define FLAXSST_NO_INT8
+constexpr int kLevels = 0;
+#endif
+
+// The levels a row of x is quantized to (255, or 127 where products sum in int16), 0 where no int8 kernel runs.
+extern "C" int flaxsst_int8_dot_levels() { return kLevels; }
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__)
+// AMX-INT8: a 2x2 block of 16x16 int32 tiles, rows of x (u8) against a pair of panels (s8), 64 k a step.
+// A panel of 16 columns is already a B tile's layout: K/4 rows of 16 columns x 4 k. Linux grants the tile
+// registers to a process that asks (arch_prctl); the tile configuration is loaded by each thread that runs.
+#define FLAXSST_AMX
+constexpr int kAmxMinRows = 16;  // fewer rows run vpdpbusd: a 16-row tile would be mostly padding
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+static bool AmxUsable() {  // once a process: the kernel's permission, and FLAXSST_INT8_AMX=0 turns it off
+  static const bool usable = [] {
+    const char* setting = std::getenv("FLAXSST_INT8_AMX");
+    if (setting != nullptr && std::strcmp(setting, "0") == 0) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+#endif
+
+// Whether this kernel multiplies int8 with AMX tiles in this process (for batches of 16 rows or more).
+extern "C" int flaxsst_int8_dot_amx() {
+#ifdef FLAXSST_AMX
+  return AmxUsable() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+#ifndef FLAXSST_NO_INT8
+#if defined(__AVX512F__)
+static inline Vec VMin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+static inline Vec VMax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+// kLanes values of x as clamp(rint(x / s) + z, 0, levels), stored as bytes
+static inline void Levels(const float* x, float s, int32_t z, uint8_t* q) {
+  __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x), _mm512_set1_ps(s))),
+                               _mm512_set1_epi32(z));
+  v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_setzero_si512()), _mm512_set1_epi32(kLevels));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(v));
+}
+#else
+static inline Vec VMin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+static inline Vec VMax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+static inline void Levels(const float* x, float s, int32_t z, uint8_t* q) {
+  __m256i v = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x), _mm256_set1_ps(s))),
+                               _mm256_set1_epi32(z));
+  v = _mm256_min_epi32(_mm256_max_epi32(v, _mm256_setzero_si256()), _mm256_set1_epi32(kLevels));
+  alignas(32) int32_t levels[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(levels), v);
+  for (int j = 0; j < 8; ++j) q[j] = static_cast<uint8_t>(levels[j]);
+}
+#endif
+
+// One row of x to unsigned levels: scale (hi - lo) / levels over [lo, hi] holding the row and 0, and the zero
+// point the level of 0.0; q = clamp(rint(x / scale) + zero, 0, levels).
+static void QuantizeRow(const float* x, int64_t k_dim, uint8_t* q, float* scale, int32_t* zero) {
+  int64_t k = 0;
+  float lo = 0.0f, hi = 0.0f;
+  {
+    Vec lows = Zero(), highs = Zero();
+    for (; k + kLanes <= k_dim; k += kLanes) {
+      Vec v = Load(x + k);
+      lows = VMin(lows, v);
+      highs = VMax(highs, v);
+    }
+    alignas(64) float l[kLanes], h[kLanes];
+    Store(l, lows);
+    Store(h, highs);
+    for (int j = 0; j < kLanes; ++j) {
+      lo = std::min(lo, l[j]);
+      hi = std::max(hi, h[j]);
+    }
+  }
+  for (; k < k_dim; ++k) {
+    lo = std::min(lo, x[k]);
+    hi = std::max(hi, x[k]);
+  }
+  float s = (hi - lo) / static_cast<float>(kLevels);
+  if (!(s > 0.0f)) s = 1.0f;
+  int32_t z = std::min<int32_t>(kLevels, std::max<int32_t>(0, static_cast<int32_t>(std::nearbyint(-lo / s))));
+  k = 0;
+  for (; k + kLanes <= k_dim; k += kLanes) Levels(x + k, s, z, q + k);  // vcvtps2dq rounds to even, as nearbyint
+  for (; k < k_dim; ++k) {
+    int32_t v = static_cast<int32_t>(std::nearbyint(x[k] / s)) + z;
+    q[k] = static_cast<uint8_t>(std::min<int32_t>(kLevels, std::max<int32_t>(0, v)));
+  }
+  *scale = s;
+  *zero = z;
+}
+
+struct Int8Work {
+  const float* x;
+  const int8_t* w;
+  const float* w_scale;
+  const int32_t* w_sums;
+  float* y;
+  int64_t m_dim, k_dim, n_dim, chunks;
+  std::unique_ptr<uint8_t[]> xq;
+  std::unique_ptr<float[]> x_scale;
+  std::unique_ptr<int32_t[]> x_zero;
+  std::atomic<int64_t> next_row{0}, rows_done{0};
+  std::atomic<int64_t> next{0}, finished{0};
+
+  template <int R>
+  void Sweep(int64_t m, int64_t p) {  // rows m..m+R against panels p and p+1
+    const int8_t* w0 = w + p * k_dim * kLanes;
+    const int8_t* w1 = w0 + k_dim * kLanes;
+    const uint8_t* xs = xq.get() + m * k_dim;
+    IVec acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = IZero();
+    for (int64_t k = 0; k < k_dim; k += 4) {
+      IVec a = ILoad(w0 + kLanes * k), b = ILoad(w1 + kLanes * k);
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + kLanes * k + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + kLanes * k + 1024), _MM_HINT_T0);
+      for (int r = 0; r < R; ++r) {
+        IVec xv = Splat4(xs + r * k_dim + k);
+        acc0[r] = Dot4(acc0[r], xv, a);
+        acc1[r] = Dot4(acc1[r], xv, b);
+      }
+    }
+    for (int half = 0; half < 2; ++half) {
+      int64_t n = (p + half) * kLanes;
+      Vec column_scale = Load(w_scale + n);
+      for (int r = 0; r < R; ++r) {
+        Vec scale = Splat(x_scale[m + r]) * column_scale;
+        Store(y + (m + r) * n_dim + n, Dequantize(half ? acc1[r] : acc0[r], x_zero[m + r], w_sums + n, scale));
+      }
+    }
+  }
+
+#ifdef FLAXSST_AMX
+  bool amx = false;  // rows of xq padded with zeros to a multiple of 16
+
+  void AmxPanelPair(int64_t p) {
+    const int8_t* b0 = w + p * k_dim * kLanes;
+    const int8_t* b1 = b0 + k_dim * kLanes;
+    alignas(64) int32_t c[4][16 * 16];
+    int64_t padded = (m_dim + 15) / 16 * 16;
+    for (int64_t m = 0; m < padded; m += 32) {
+      bool two = m + 16 < padded;
+      const uint8_t* a0 = xq.get() + m * k_dim;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < k_dim; k += 64) {
+        _tile_loadd(4, a0 + k, k_dim);
+        _tile_loadd(6, b0 + kLanes * k, 64);
+        _tile_loadd(7, b1 + kLanes * k, 64);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, a0 + 16 * k_dim + k, k_dim);
+          _tile_dpbusd(2, 5, 6);
+          _tile_dpbusd(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      if (two) {
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+      }
+      for (int half = 0; half < 2; ++half) {
+        int64_t n = (p + half) * kLanes;
+        Vec column_scale = Load(w_scale + n);
+        for (int64_t r = m; r < std::min<int64_t>(m + 32, m_dim); ++r) {
+          const int32_t* tile = c[(r - m) / 16 * 2 + half] + (r - m) % 16 * 16;
+          Vec scale = Splat(x_scale[r]) * column_scale;
+          Store(y + r * n_dim + n, Dequantize(_mm512_load_si512(tile), x_zero[r], w_sums + n, scale));
+        }
+      }
+    }
+  }
+#endif
+
+  void Run() {  // quantizes rows of x until none are left, waits for the rest, then takes panel chunks
+    for (int64_t m; (m = next_row.fetch_add(1, std::memory_order_relaxed)) < m_dim;) {
+      QuantizeRow(x + m * k_dim, k_dim, xq.get() + m * k_dim, &x_scale[m], &x_zero[m]);
+      rows_done.fetch_add(1, std::memory_order_release);
+    }
+    while (rows_done.load(std::memory_order_acquire) < m_dim) _mm_pause();
+#ifdef FLAXSST_AMX
+    if (amx) {
+      TileConfig config;
+      for (int t = 0; t < 8; ++t) {
+        config.rows[t] = 16;
+        config.colsb[t] = 64;
+      }
+      _tile_loadconfig(&config);
+      for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+        int64_t first = c * kChunkPanels;
+        int64_t last = std::min<int64_t>(first + kChunkPanels, n_dim / kLanes);
+        for (int64_t p = first; p < last; p += 2) AmxPanelPair(p);
+        finished.fetch_add(1, std::memory_order_release);
+      }
+      _tile_release();
+      return;
+    }
+#endif
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      int64_t first = c * kChunkPanels;
+      int64_t last = std::min<int64_t>(first + kChunkPanels, n_dim / kLanes);
+      for (int64_t p = first; p < last; p += 2) {
+        for (int64_t m = 0; m < m_dim; m += kMaxRows) {
+          switch (std::min<int64_t>(kMaxRows, m_dim - m)) {
+            case 1: Sweep<1>(m, p); break;
+            case 2: Sweep<2>(m, p); break;
+            case 3: Sweep<3>(m, p); break;
+            case 4: Sweep<4>(m, p); break;
+            case 5: Sweep<5>(m, p); break;
+            default: Sweep<6>(m, p); break;
+          }
+        }
+      }
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+#endif
+
+static ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                          ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> w_sums, ffi::ResultBuffer<ffi::F32> y) {
+#ifdef FLAXSST_NO_INT8
+  return ffi::Error::Internal("int8_dot: this kernel was built without AVX2 or AVX-512BW");
+#else
+  auto w_dims = w.dimensions();
+  auto x_dims = x.dimensions();
+  if (w_dims.size() != 2 || x_dims.size() == 0 || x_dims.back() != w_dims[0] || w_dims[0] % 4 ||
+      w_dims[1] % (2 * kLanes) || w_scale.element_count() != w_dims[1] || w_sums.element_count() != w_dims[1]) {
+    return ffi::Error::InvalidArgument(
+        "int8_dot: x [..., K], packed int8 W [K, N], scales and sums [N]; K a multiple of 4, N of twice the lanes");
+  }
+  auto work = std::make_shared<Int8Work>();
+  work->x = x.typed_data();
+  work->w = w.typed_data();
+  work->w_scale = w_scale.typed_data();
+  work->w_sums = w_sums.typed_data();
+  work->y = y->typed_data();
+  work->k_dim = w_dims[0];
+  work->n_dim = w_dims[1];
+  if (work->k_dim == 0) {
+    std::fill(work->y, work->y + y->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
+  work->m_dim = x.element_count() / work->k_dim;
+  int64_t rows = work->m_dim;
+#ifdef FLAXSST_AMX
+  work->amx = work->m_dim >= kAmxMinRows && work->k_dim % 64 == 0 && AmxUsable();
+  if (work->amx) rows = (work->m_dim + 15) / 16 * 16;  // a last tile's missing rows: zeros, never written out
+#endif
+  work->xq.reset(new uint8_t[rows * work->k_dim]);
+  std::memset(work->xq.get() + work->m_dim * work->k_dim, 0, (rows - work->m_dim) * work->k_dim);
+  work->x_scale.reset(new float[work->m_dim]);
+  work->x_zero.reset(new int32_t[work->m_dim]);
+  work->chunks = (work->n_dim / kLanes + kChunkPanels - 1) / kChunkPanels;
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->chunks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  while (work->finished.load(std::memory_order_acquire) < work->chunks) _mm_pause();
+  return ffi::Error::Success();
+#endif
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxsst_int8_dot, Int8Dot,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(flaxsst_packed_dot, PackedDot,
                               ffi::Ffi::Bind()

@@ -196,7 +196,8 @@ def parser() -> cli.ArgumentParser:
                         "the --model folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port, printed at start)")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--dtype", default="float32",
+                   help="compute dtype: float32, bfloat16, or int8 (int8 dense layers on an x86-64 CPU)")
     p.add_argument("--batch-size", type=positive(int), default=None,
                    help="rows of the largest compiled batch (default: the backend's, 24 on a CPU, 128 elsewhere)")
     p.add_argument("--max-length", type=positive(int), default=128, help="tokens a text is cut to")

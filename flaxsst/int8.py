@@ -1,0 +1,82 @@
+"""int8 dense layers on a CPU: ``Classifier(dtype="int8")``, the ``int8_dot`` of ``kernels/packed_dot.cc``.
+
+A dense kernel ``[K, N]`` is quantized once, per output column, to int8 in [-127, 127] with the scale
+``max |w[:, n]| / 127`` (``quantize_kernel``); each row of the layer's input is quantized as it runs, to
+unsigned levels (255 with VNNI's ``vpdpbusd``; 127 where ``vpmaddubsw`` sums two products in int16, which
+then cannot saturate) with its own scale and a zero point that keeps 0.0 exact. The products sum in int32
+(AMX-INT8 tiles for batches of 16 rows or more where the CPU has them, ``packed_dot.int8_amx``);
+the result is ``(sum - zero * column_sum) * row_scale * column_scale`` in float32, then the bias. Layer
+norms, softmax, GELU and the classifier head (2 outputs) stay float32. This is ONNX Runtime's dynamic
+quantization with a finer grain: a scale per weight column and per input row instead of one a tensor.
+
+The packed int8 kernel keeps its ``[K, N]`` shape; flat index ``((p*K/4 + k//4)*lanes + j)*4 + k%4`` holds
+``q[k, p*lanes + j]``: a panel of ``lanes`` columns, 4 consecutive k of a column side by side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxsst import packed_dot
+
+TARGET = packed_dot.INT8_TARGET
+
+
+def quantize_kernel(kernel: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``kernel [K, N]`` -> (int8 ``[K, N]``, float32 scales ``[N]``): ``kernel ~= q * scale``, per column."""
+    kernel = np.asarray(kernel, np.float32)
+    scale = np.abs(kernel).max(axis=0) / np.float32(127) if kernel.size else np.ones(kernel.shape[1], np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    return np.clip(np.rint(kernel / scale), -127, 127).astype(np.int8), scale
+
+
+def pack(q: np.ndarray, lanes: int) -> np.ndarray:
+    """int8 ``q [K, N]`` in the kernel's order (``K`` a multiple of 4, ``N`` of ``2 * lanes``)."""
+    k, n = q.shape
+    if k % 4 or n % (2 * lanes):
+        raise ValueError(f"an int8 kernel needs K a multiple of 4 and N of {2 * lanes}; got shape {q.shape}")
+    return np.ascontiguousarray(q.reshape(k // 4, 4, n // lanes, lanes).transpose(2, 0, 3, 1)).reshape(k, n)
+
+
+def quantize_params(params: dict, lanes: int) -> dict:
+    """``params`` with every dense layer whose outputs ``packed_dot.packs`` as ``Int8Dense`` reads it:
+    ``kernel`` (int8, packed), ``kernel_scale`` and ``kernel_sum`` (its columns' sums of levels); everything
+    else as it is."""
+
+    def visit(tree):
+        if isinstance(tree, dict):
+            kernel = tree.get("kernel")
+            if set(tree) == {"kernel", "bias"} and np.ndim(kernel) == 2 and packed_dot.packs(np.shape(kernel)[1], lanes):
+                q, scale = quantize_kernel(tree["kernel"])
+                return {"kernel": pack(q, lanes), "kernel_scale": scale,
+                        "kernel_sum": q.astype(np.int32).sum(axis=0), "bias": np.asarray(tree["bias"], np.float32)}
+            return {name: visit(child) for name, child in tree.items()}
+        return tree
+
+    return visit(params)
+
+
+def int8_dot(x: jax.Array, kernel: jax.Array, scale: jax.Array, sums: jax.Array) -> jax.Array:
+    """``x [..., K]`` float32 @ the packed int8 ``kernel [K, N]`` -> float32 ``[..., N]`` (no bias)."""
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[1:], jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), kernel, scale, sums)
+
+
+class Int8Dense(nn.Module):
+    """``nn.Dense`` over a kernel ``quantize_params`` made: float32 in and out, int8 products."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.zeros_init(), shape, jnp.int8)
+        scale = self.param("kernel_scale", nn.initializers.ones_init(), (self.features,), jnp.float32)
+        sums = self.param("kernel_sum", nn.initializers.zeros_init(), (self.features,), jnp.int32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return int8_dot(x, kernel, scale, sums) + bias
