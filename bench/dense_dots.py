@@ -1,6 +1,7 @@
 """The dense dots of one DistilBERT-base forward alone: 6 layers of q, k, v, out (768x768), lin1 (768x3072) and
-lin2 (3072x768), float32, at each of ``--rows`` rows, as XLA's own dots, YNNPACK's (jaxlib's default) and
-``flaxsst.packed_dot``'s, the three taking turns for ``--rounds`` rounds. JSON lines: median ms per kind and rows.
+lin2 (3072x768), float32, at each of ``--rows`` rows, as XLA's own dots, YNNPACK's (jaxlib's default),
+``flaxsst.packed_dot``'s and ``flaxsst.int8``'s (weights int8, rows quantized as they run), the kinds taking
+turns for ``--rounds`` rounds. JSON lines: median ms per kind and rows.
 
     python -m bench.dense_dots --rows 1 8 17 24 48 128 384
 """
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxsst import packed_dot
+from flaxsst import int8, packed_dot
 from flaxsst.classifier import CPU_PLAIN_DOTS
 
 SHAPES = {"q": (768, 768), "k": (768, 768), "v": (768, 768), "o": (768, 768), "lin1": (768, 3072), "lin2": (3072, 768)}
@@ -46,7 +47,16 @@ def main() -> None:
         packed = jax.device_put([{name: packed_dot.pack(w, lanes) for name, w in layer.items()} for layer in layers])
         dot = lambda x, w: packed_dot.packed_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))  # noqa: E731
         kinds["packed"] = (chain(dot), packed, {})
-    print(json.dumps({"what": "meta", "jax": jax.__version__, "packed_lanes": lanes}), flush=True)
+    if packed_dot.int8_levels():
+        quantized = []
+        for layer in layers:
+            quantized.append({})
+            for name, w in layer.items():
+                q, scale = int8.quantize_kernel(w)
+                quantized[-1][name] = (int8.pack(q, lanes), scale, q.astype(np.int32).sum(axis=0))
+        kinds["int8"] = (chain(lambda x, w: int8.int8_dot(x, *w)), jax.device_put(quantized), {})
+    print(json.dumps({"what": "meta", "jax": jax.__version__, "packed_lanes": lanes,
+                      "int8_levels": packed_dot.int8_levels(), "int8_amx": packed_dot.int8_amx()}), flush=True)
     for rows in args.rows:
         x = jax.device_put(rng.standard_normal((rows, 768)).astype(np.float32))
         programs = {name: (jax.jit(fn, compiler_options=options).lower(w, x).compile(), w)
