@@ -48,12 +48,7 @@ def main() -> None:
         dot = lambda x, w: packed_dot.packed_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))  # noqa: E731
         kinds["packed"] = (chain(dot), packed, {})
     if packed_dot.int8_levels():
-        quantized = []
-        for layer in layers:
-            quantized.append({})
-            for name, w in layer.items():
-                q, scale = int8.quantize_kernel(w)
-                quantized[-1][name] = (int8.pack(q, lanes), scale, q.astype(np.int32).sum(axis=0))
+        quantized = [{name: int8.prepare(w, lanes) for name, w in layer.items()} for layer in layers]
         kinds["int8"] = (chain(lambda x, w: int8.int8_dot(x, *w)), jax.device_put(quantized), {})
     print(json.dumps({"what": "meta", "jax": jax.__version__, "packed_lanes": lanes,
                       "int8_levels": packed_dot.int8_levels(), "int8_amx": packed_dot.int8_amx()}), flush=True)

@@ -59,12 +59,7 @@ def main() -> None:
         facts[dtype] = {"tokens": len(ids[0]), "rows": batch.rows, "length": batch.length,
                         "packed_lanes": clf.packed_lanes, "int8_lanes": clf.int8_lanes}
         if clf.int8_lanes:
-            weights = []
-            for layer in layers:
-                weights.append({})
-                for name, w in layer.items():
-                    q, scale = int8.quantize_kernel(w)
-                    weights[-1][name] = (int8.pack(q, lanes), scale, q.astype(np.int32).sum(axis=0))
+            weights = [{name: int8.prepare(w, lanes) for name, w in layer.items()} for layer in layers]
             dots = jax.jit(chain(lambda x, w: int8.int8_dot(x, *w)))
         elif clf.packed_lanes:
             weights = [{name: packed_dot.pack(w, lanes) for name, w in layer.items()} for layer in layers]

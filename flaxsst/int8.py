@@ -43,6 +43,13 @@ def pack(q: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(q.reshape(k // 4, 4, n // lanes, lanes).transpose(2, 0, 3, 1)).reshape(k, n)
 
 
+def prepare(kernel: Any, lanes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``int8_dot``'s weights of a float ``kernel [K, N]``: (packed int8 ``[K, N]``, scales ``[N]``, int32
+    column sums of the levels ``[N]``)."""
+    q, scale = quantize_kernel(kernel)
+    return pack(q, lanes), scale, q.astype(np.int32).sum(axis=0)
+
+
 def quantize_params(params: dict, lanes: int) -> dict:
     """``params`` with every dense layer whose outputs ``packed_dot.packs`` as ``Int8Dense`` reads it:
     ``kernel`` (int8, packed), ``kernel_scale`` and ``kernel_sum`` (its columns' sums of levels); everything
@@ -52,9 +59,9 @@ def quantize_params(params: dict, lanes: int) -> dict:
         if isinstance(tree, dict):
             kernel = tree.get("kernel")
             if set(tree) == {"kernel", "bias"} and np.ndim(kernel) == 2 and packed_dot.packs(np.shape(kernel)[1], lanes):
-                q, scale = quantize_kernel(tree["kernel"])
-                return {"kernel": pack(q, lanes), "kernel_scale": scale,
-                        "kernel_sum": q.astype(np.int32).sum(axis=0), "bias": np.asarray(tree["bias"], np.float32)}
+                packed, scale, sums = prepare(kernel, lanes)
+                return {"kernel": packed, "kernel_scale": scale, "kernel_sum": sums,
+                        "bias": np.asarray(tree["bias"], np.float32)}
             return {name: visit(child) for name, child in tree.items()}
         return tree
 
