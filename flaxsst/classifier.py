@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from flaxsst import int8, packed_dot
 from flaxsst.batching import BatchShapes
-from flaxsst.config import ModelConfig
+from flaxsst.config import ModelConfig, is_int8
 from flaxsst.errors import ConfigError
 from flaxsst.metrics import softmax
 from flaxsst.model import DistilBertForSequenceClassification, Precision
@@ -314,30 +314,29 @@ def cpu_dense_layers(dtype: Any, params: dict, backend: str, build_kernel: bool)
     int8_lanes = 0
     if is_int8(dtype):
         dtype = jnp.float32
-        if backend == "cpu" and packed_dot.int8_levels(build=build_kernel):
-            int8_lanes = packed_dot.load(build=build_kernel)
+        if backend != "cpu":
+            log.warning("dtype int8 runs on a CPU; this %s runs float32", backend)
+        elif not packed_dot.load(build=build_kernel):
+            log.warning("dtype int8 runs float32 here: %s", packed_dot.unavailable_reason())
+        elif not packed_dot.int8_levels(build=build_kernel):
+            log.warning("dtype int8 runs float32 here: its kernel needs AVX2 (or AVX-512BW)")
         else:
-            log.warning("dtype int8 runs on an x86-64 CPU with AVX2 (or AVX-512BW) and a C++ compiler; this "
-                        "%s runs float32", "CPU" if backend == "cpu" else backend)
+            int8_lanes = packed_dot.load(build=build_kernel)
     try:
         precision = Precision(dtype, float32_accumulation=backend == "cpu")
     except ConfigError as e:
         raise ConfigError(f"{e}, or 'int8'") from None
     params = inference_params(params, precision.dtype)
     if int8_lanes:
-        return dataclasses.replace(precision, int8_lanes=int8_lanes), int8.quantize_params(params, int8_lanes)
+        quantized = int8.quantize_params(params, int8_lanes)
+        if any(np.dtype(leaf.dtype) == np.int8 for leaf in jax.tree_util.tree_leaves(quantized)):
+            return dataclasses.replace(precision, int8_lanes=int8_lanes), quantized
+        log.warning("dtype int8 runs float32 here: no dense layer of this model has outputs a multiple of %d",
+                    2 * int8_lanes)
     packed_lanes = packed_dot.load(build=build_kernel) if backend == "cpu" and precision.dtype == jnp.float32 else 0
     if packed_lanes:
         return dataclasses.replace(precision, packed_lanes=packed_lanes), packed_dot.pack_params(params, packed_lanes)
     return precision, params
-
-
-def is_int8(dtype: Any) -> bool:
-    """Whether ``dtype`` asks for int8 dense layers: ``"int8"`` or ``jnp.int8``."""
-    try:
-        return jnp.dtype(dtype) == jnp.dtype(jnp.int8)
-    except TypeError:
-        return False
 
 
 def inference_params(params: dict, dtype: Any) -> dict:

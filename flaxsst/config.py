@@ -40,6 +40,16 @@ def parse_dtype(value: Any) -> Any:
     return jnp.dtype(value).type
 
 
+def is_int8(value: Any) -> bool:
+    """Whether a Classifier's ``dtype`` asks for int8 dense layers: ``"int8"`` (any case) or ``jnp.int8``."""
+    if isinstance(value, str):
+        return value.lower() == "int8"
+    try:
+        return jnp.dtype(value) == jnp.dtype(jnp.int8)
+    except TypeError:
+        return False
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """DistilBERT hyper-parameters: a ``config.json`` exactly as transformers lays out

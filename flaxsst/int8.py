@@ -44,10 +44,17 @@ def pack(q: np.ndarray, lanes: int) -> np.ndarray:
 
 
 def prepare(kernel: Any, lanes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``int8_dot``'s weights of a float ``kernel [K, N]``: (packed int8 ``[K, N]``, scales ``[N]``, int32
-    column sums of the levels ``[N]``)."""
+    """``int8_dot``'s weights of a float ``kernel [K, N]``: (packed int8 ``[K', N]``, scales ``[N]``, int32
+    column sums of the levels ``[N]``), ``K'`` being ``K`` rounded up to a multiple of 4 with rows of zeros
+    (``Int8Dense`` pads its input alike)."""
     q, scale = quantize_kernel(kernel)
+    q = np.pad(q, ((0, padded(q.shape[0]) - q.shape[0]), (0, 0)))
     return pack(q, lanes), scale, q.astype(np.int32).sum(axis=0)
+
+
+def padded(k: int) -> int:
+    """``k`` rounded up to a multiple of 4: the int8 kernel's input width."""
+    return -(-k // 4) * 4
 
 
 def quantize_params(params: dict, lanes: int) -> dict:
@@ -81,9 +88,11 @@ class Int8Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (x.shape[-1], self.features)
-        kernel = self.param("kernel", nn.initializers.zeros_init(), shape, jnp.int8)
+        width = padded(x.shape[-1])
+        kernel = self.param("kernel", nn.initializers.zeros_init(), (width, self.features), jnp.int8)
         scale = self.param("kernel_scale", nn.initializers.ones_init(), (self.features,), jnp.float32)
         sums = self.param("kernel_sum", nn.initializers.zeros_init(), (self.features,), jnp.int32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        if width != x.shape[-1]:  # the kernel's extra rows are zeros
+            x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
         return int8_dot(x, kernel, scale, sums) + bias

@@ -63,6 +63,7 @@ def cpu_flags() -> str:
 
 
 _LOCK = threading.Lock()
+_WHY_NOT: list[str] = []  # why load() returned None, latest last
 _INT8: dict[int, tuple[int, bool]] = {}  # the loaded kernel's lanes -> its int8 dot's (levels, AMX tiles)
 
 
@@ -76,20 +77,17 @@ def load(build: bool = True) -> int | None:
 @functools.cache
 def _load(build: bool) -> int | None:
     if os.environ.get("FLAXSST_PACKED_DOT", "1") == "0":
-        return None
+        return _unavailable(logging.DEBUG, "FLAXSST_PACKED_DOT=0 turns the kernel off")
     flags = cpu_flags().split()
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= set(flags):
-        log.info("packed dots need an x86-64 CPU with AVX2 and FMA; using XLA's dots")
-        return None
+        return _unavailable(logging.INFO, "the kernel needs an x86-64 CPU with AVX2 and FMA")
     library = kernel_dir() / f"packed_dot-{kernel_key(flags)}.so"
     if not library.exists() and not build:
-        log.info("no packed-dot kernel built for this CPU in %s (python -m flaxsst.serve --prepare builds it); "
-                 "using XLA's dots", library.parent)
-        return None
+        return _unavailable(logging.INFO, f"no packed-dot kernel built for this CPU in {library.parent} "
+                                          "(python -m flaxsst.serve --prepare builds it)")
     compiler = _compiler()
     if not library.exists() and not compiler:
-        log.info("no C++ compiler (c++, g++, clang++ or $CXX) for the packed dots; using XLA's dots")
-        return None
+        return _unavailable(logging.INFO, "no C++ compiler (c++, g++, clang++ or $CXX) for the packed dots")
     try:
         if not library.exists():
             library.parent.mkdir(parents=True, exist_ok=True)
@@ -109,12 +107,21 @@ def _load(build: bool) -> int | None:
         _INT8[lanes] = (levels, bool(lib.flaxsst_int8_dot_amx()))
     except subprocess.CalledProcessError as e:
         last = (e.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
-        log.warning("compiling %s failed (%s); using XLA's dots", SOURCE, last[0])
-        return None
+        return _unavailable(logging.WARNING, f"compiling {SOURCE} failed ({last[0]})")
     except (OSError, subprocess.TimeoutExpired, AttributeError) as e:
-        log.warning("the packed dots could not be loaded from %s (%s); using XLA's dots", library, e)
-        return None
+        return _unavailable(logging.WARNING, f"the packed dots could not be loaded from {library} ({e})")
     return lanes
+
+
+def _unavailable(level: int, reason: str) -> None:
+    _WHY_NOT.append(reason)
+    log.log(level, "%s; using XLA's dots", reason)
+    return None
+
+
+def unavailable_reason() -> str:
+    """Why the kernel is not loaded here (after ``load`` returned None), in a few words."""
+    return _WHY_NOT[-1] if _WHY_NOT else "the kernel is not loaded"
 
 
 def int8_levels(build: bool = True) -> int:

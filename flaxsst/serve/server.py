@@ -156,8 +156,8 @@ def main(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.timeout_s + 5), timeout_keep_alive=30)
     server = DrainingServer(config, args.drain_grace_s, draining, ready=service.ready.is_set)
-    log.info("listening on http://%s:%d (%s, batches of up to %d texts / %d tokens, %.1f ms delay); warming up "
-             "%d programs", host if ":" not in host else f"[{host}]", port, jax.default_backend(),
+    log.info("listening on http://%s:%d (%s, %s, batches of up to %d texts / %d tokens, %.1f ms delay); warming up "
+             "%d programs", host if ":" not in host else f"[{host}]", port, jax.default_backend(), dense_layers(clf),
              settings.max_batch_texts, settings.max_batch_tokens, settings.max_batch_delay_ms,
              service.warm_up.total)
     drained = server.run([sock])
@@ -165,6 +165,17 @@ def main(args: argparse.Namespace) -> int:
         raise FlaxsstError("the warm-up failed (the traceback is above); nothing was served")
     log.info("stopped" if drained else "stopped without draining (second Ctrl-C)")
     return cli.EXIT_OK if drained else cli.EXIT_INTERRUPTED
+
+
+def dense_layers(clf) -> str:
+    """How the served model's dense layers run, for the start-up lines."""
+    import jax.numpy as jnp
+
+    if clf.int8_lanes:
+        return f"int8 dense layers, {clf.int8_lanes} lanes"
+    if clf.packed_lanes:
+        return f"packed float32 dense layers, {clf.packed_lanes} lanes"
+    return f"{jnp.dtype(clf.precision.dtype).name} dense layers"
 
 
 def default_model_name(model: str) -> str:
@@ -184,7 +195,7 @@ def prepare(clf) -> int:
     where = program_store.ProgramStore(clf.store_key).folder if program_store.enabled() else "nowhere (FLAXSST_PROGRAM_STORE=0)"
     log.info("prepared: %d programs in %.1f s, stored in %s; packed-dot kernel: %s", progress.total, progress.seconds,
              where,
-             f"{packed_dot.kernel_dir()} ({clf.packed_lanes} lanes)" if clf.packed_lanes else "not used here")
+             f"{packed_dot.kernel_dir()} ({dense_layers(clf)})" if clf.packed_lanes or clf.int8_lanes else "not used here")
     return cli.EXIT_OK
 
 
