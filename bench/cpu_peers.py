@@ -9,7 +9,8 @@ Peers: PyTorch fp32, PyTorch bf16 autocast (oneDNN), ONNX Runtime fp32 (plain, a
 (``torch.ao.quantization.quantize_dynamic``, qint8 weights). Every peer gets the fair batching: the texts sorted by
 length, batches padded to their own longest, at each of ``--peer-batch-sizes`` (its best counts; the
 default includes flaxsst's own CPU batch size);
-flaxsst runs as a user calls it (``Classifier.logits(texts)``, tokenization included). The same random
+flaxsst runs as a user calls it (``Classifier.logits(texts)``, tokenization included), in float32, bfloat16
+and int8; ``--peers`` picks the peers. The same random
 DistilBERT-base weights for all, ``--threads`` threads each. Also latency, one text a call, text in
 and logits out (a peer's call tokenizes with the same ``tokenizers`` WordPiece as flaxsst's): one
 fixed sentence (median and p99 of ``--latency-calls`` calls), and every one of the texts in turn, the
