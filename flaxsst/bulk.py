@@ -207,7 +207,7 @@ def actor_places(ray, actors: int, cpus: float, nodes: int):
 
 
 def main(args: argparse.Namespace) -> int:
-    from flaxsst.config import is_int8, parse_dtype
+    from flaxsst.config import parse_classifier_dtype
     from flaxsst.hub import resolve_model_dir
     from flaxsst.ray import OUTPUT_COLUMNS, ClassifierPredictor, check_columns
 
@@ -215,11 +215,10 @@ def main(args: argparse.Namespace) -> int:
     text_column = "text" if kind == "text" else args.text_column
     if kind == "text" and args.text_column != "text":
         raise ConfigError(f"--text-column {args.text_column}: text files have one column, 'text'")
-    if not is_int8(args.dtype):
-        try:
-            parse_dtype(args.dtype)
-        except ConfigError as e:
-            raise ConfigError(f"--dtype: {e}, or 'int8'") from None
+    try:
+        parse_classifier_dtype(args.dtype)
+    except ConfigError as e:
+        raise ConfigError(f"--dtype: {e}") from None
     if args.max_length < 2:
         raise ConfigError(f"--max-length {args.max_length}: must be at least 2")
     if "://" not in args.output:  # every node is told the same absolute paths

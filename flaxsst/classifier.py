@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from flaxsst import int8, packed_dot
 from flaxsst.batching import BatchShapes
-from flaxsst.config import ModelConfig, is_int8
+from flaxsst.config import ModelConfig, parse_classifier_dtype
 from flaxsst.errors import ConfigError
 from flaxsst.metrics import softmax
 from flaxsst.model import DistilBertForSequenceClassification, Precision
@@ -311,31 +311,26 @@ def cpu_dense_layers(dtype: Any, params: dict, backend: str, build_kernel: bool)
     time of XLA's and YNNPACK's dots at 1-24 rows, 0.99x at 1536; bench/RESULTS.md); where it cannot, XLA's
     dots for the smallest batches and YNNPACK's for the rest. int8: the dense layers' products in int8
     (flaxsst.int8) where this CPU runs the kernel, else float32, with a warning."""
-    int8_lanes = 0
-    if is_int8(dtype):
-        dtype = jnp.float32
+    dtype = parse_classifier_dtype(dtype)
+    wants_int8 = isinstance(dtype, str)  # "int8": float32 activations around int8 products
+    precision = Precision(jnp.float32 if wants_int8 else dtype, float32_accumulation=backend == "cpu")
+    params = inference_params(params, precision.dtype)
+    lanes = packed_dot.load(build=build_kernel) if backend == "cpu" and precision.dtype == jnp.float32 else None
+    if wants_int8:
         if backend != "cpu":
             log.warning("dtype int8 runs on a CPU; this %s runs float32", backend)
-        elif not packed_dot.load(build=build_kernel):
+        elif not lanes:
             log.warning("dtype int8 runs float32 here: %s", packed_dot.unavailable_reason())
         elif not packed_dot.int8_levels(build=build_kernel):
             log.warning("dtype int8 runs float32 here: its kernel needs AVX2 (or AVX-512BW)")
         else:
-            int8_lanes = packed_dot.load(build=build_kernel)
-    try:
-        precision = Precision(dtype, float32_accumulation=backend == "cpu")
-    except ConfigError as e:
-        raise ConfigError(f"{e}, or 'int8'") from None
-    params = inference_params(params, precision.dtype)
-    if int8_lanes:
-        quantized = int8.quantize_params(params, int8_lanes)
-        if any(np.dtype(leaf.dtype) == np.int8 for leaf in jax.tree_util.tree_leaves(quantized)):
-            return dataclasses.replace(precision, int8_lanes=int8_lanes), quantized
-        log.warning("dtype int8 runs float32 here: no dense layer of this model has outputs a multiple of %d",
-                    2 * int8_lanes)
-    packed_lanes = packed_dot.load(build=build_kernel) if backend == "cpu" and precision.dtype == jnp.float32 else 0
-    if packed_lanes:
-        return dataclasses.replace(precision, packed_lanes=packed_lanes), packed_dot.pack_params(params, packed_lanes)
+            quantized = int8.quantize_params(params, lanes)
+            if any(np.dtype(leaf.dtype) == np.int8 for leaf in jax.tree_util.tree_leaves(quantized)):
+                return dataclasses.replace(precision, int8_lanes=lanes), quantized
+            log.warning("dtype int8 runs float32 here: no dense layer of this model has outputs a multiple of %d",
+                        2 * lanes)
+    if lanes:
+        return dataclasses.replace(precision, packed_lanes=lanes), packed_dot.pack_params(params, lanes)
     return precision, params
 
 

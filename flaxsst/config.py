@@ -50,6 +50,17 @@ def is_int8(value: Any) -> bool:
         return False
 
 
+def parse_classifier_dtype(value: Any) -> Any:
+    """A Classifier's ``dtype``: ``"int8"`` (``is_int8``), else ``parse_dtype``'s, whose error then names
+    int8 among the choices."""
+    if is_int8(value):
+        return "int8"
+    try:
+        return parse_dtype(value)
+    except ConfigError as e:
+        raise ConfigError(f"{e}, or 'int8'") from None
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """DistilBERT hyper-parameters: a ``config.json`` exactly as transformers lays out

@@ -138,26 +138,20 @@ static ffi::Error PackedDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 // y[m, n] = (sum_k xq[m, k] q[k, n] - zero[m] * sum_k q[k, n]) * (xscale[m] * scale[n]), summed in int32.
 // W is packed in panels of LANES columns as groups of 4 k: panel p holds K/4 blocks of LANES x 4 int8, the
 // 4 consecutive k of one column together, as vpdpbusd multiplies and sums them.
-#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 using IVec = __m512i;
+#if defined(__AVX512VNNI__)
 constexpr int kLevels = 255;  // vpdpbusd sums u8 x s8 products in int32: no overflow
-static inline IVec IZero() { return _mm512_setzero_si512(); }
-static inline IVec ILoad(const int8_t* p) { return _mm512_loadu_si512(p); }
-static inline IVec Splat4(const uint8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
 static inline IVec Dot4(IVec acc, IVec x, IVec w) { return _mm512_dpbusd_epi32(acc, x, w); }
-static inline Vec Dequantize(IVec acc, int32_t zero, const int32_t* sums, Vec scale) {
-  IVec centred = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(zero), _mm512_loadu_si512(sums)));
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(centred), scale);
-}
-#elif defined(__AVX512F__) && defined(__AVX512BW__)
-using IVec = __m512i;
+#else
 constexpr int kLevels = 127;  // vpmaddubsw sums two u8 x s8 products in int16: 2 * 127 * 127 fits
-static inline IVec IZero() { return _mm512_setzero_si512(); }
-static inline IVec ILoad(const int8_t* p) { return _mm512_loadu_si512(p); }
-static inline IVec Splat4(const uint8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
 static inline IVec Dot4(IVec acc, IVec x, IVec w) {
   return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(x, w), _mm512_set1_epi16(1)));
 }
+#endif
+static inline IVec IZero() { return _mm512_setzero_si512(); }
+static inline IVec ILoad(const int8_t* p) { return _mm512_loadu_si512(p); }
+static inline IVec Splat4(const uint8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
 static inline Vec Dequantize(IVec acc, int32_t zero, const int32_t* sums, Vec scale) {
   IVec centred = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(zero), _mm512_loadu_si512(sums)));
   return _mm512_mul_ps(_mm512_cvtepi32_ps(centred), scale);
