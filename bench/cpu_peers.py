@@ -53,6 +53,8 @@ def read_texts(path: str) -> list[str]:
 def cpu_facts() -> dict:
     """``lscpu``'s model name, its vector/matrix flags that matter here, and the core count."""
     facts = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    if os.environ.get("FLAXSST_BENCH_CPU_NOTE"):  # bench/avx2_only.py: lscpu still lists the hidden flags
+        facts["note"] = os.environ["FLAXSST_BENCH_CPU_NOTE"]
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):

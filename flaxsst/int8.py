@@ -4,7 +4,7 @@ A dense kernel ``[K, N]`` is quantized once, per output column, to int8 in [-127
 ``max |w[:, n]| / 127`` (``quantize_kernel``); each row of the layer's input is quantized as it runs, to
 unsigned levels (255 with VNNI's ``vpdpbusd``; 127 where ``vpmaddubsw`` sums two products in int16, which
 then cannot saturate) with its own scale and a zero point that keeps 0.0 exact. The products sum in int32
-(AMX-INT8 tiles for batches of 16 rows or more where the CPU has them, ``packed_dot.int8_amx``);
+(AMX-INT8 tiles for batches of 8 rows or more where the CPU has them, ``packed_dot.int8_amx``);
 the result is ``(sum - zero * column_sum) * row_scale * column_scale`` in float32, then the bias. Layer
 norms, softmax, GELU and the classifier head (2 outputs) stay float32. This is ONNX Runtime's dynamic
 quantization with a finer grain: a scale per weight column and per input row instead of one a tensor.

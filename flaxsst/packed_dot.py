@@ -131,7 +131,7 @@ def int8_levels(build: bool = True) -> int:
 
 
 def int8_amx(build: bool = True) -> bool:
-    """Whether the int8 dot multiplies batches of 16 rows or more with AMX tiles here (a CPU with amx_int8,
+    """Whether the int8 dot multiplies batches of 8 rows or more with AMX tiles here (a CPU with amx_int8,
     Linux granting the tiles, ``FLAXSST_INT8_AMX`` not 0); below that, and elsewhere, ``vpdpbusd``/``vpmaddubsw``."""
     return _INT8["amx"] if load(build) else False
 

@@ -2,6 +2,7 @@
 integer product, the int8 Classifier against transformers with int8 linears written here in numpy, the
 AVX2 build (127 levels), the float32 fall-back, and --dtype int8 through the predict command and the server."""
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -55,7 +56,7 @@ def test_pack_puts_four_k_of_a_column_side_by_side_in_panels():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 16, 24, 33, 48])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 13, 16, 18, 24, 32, 33, 48])  # AMX from 8; tiles of 16 + rest
 @pytest.mark.parametrize("k, n", [(32, 64), (768, 768), (64, 3072), (3072, 64)])
 def test_int8_dot_equals_the_integer_product(rows, k, n):
     rng = np.random.default_rng(rows * k + n)
@@ -71,6 +72,30 @@ def test_int8_dot_equals_the_integer_product(rows, k, n):
     # and the quantization itself costs ~1% of the float product's size
     exact = x.astype(np.float64) @ w
     assert np.abs(got - exact).max() < 0.03 * np.abs(exact).max()
+
+
+@needs_kernel
+def test_dots_called_from_several_threads_at_once_stay_exact():
+    """The kernel's own spinning helpers serve one call at a time; calls that find them busy share XLA's pool."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((768, 3072)).astype(np.float32)
+    q, scale = int8.quantize_kernel(w)
+    weights = (int8.pack(q, LANES), scale, q.astype(np.int32).sum(axis=0))
+    packed = packed_dot.pack(w, LANES)
+    int8_dot = jax.jit(int8.int8_dot)
+    float_dot = jax.jit(lambda x, p: packed_dot.packed_dot_general(x, p, (((1,), (0,)), ((), ()))))
+    inputs = [rng.standard_normal((rows, 768)).astype(np.float32) for rows in (1, 3, 18, 40) * 4]
+
+    def both(x):
+        for _ in range(5):
+            got_int8, got_float = np.asarray(int8_dot(x, *weights)), np.asarray(float_dot(x, packed))
+        return got_int8, got_float
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(both, inputs))
+    for x, (got_int8, got_float) in zip(inputs, results):
+        np.testing.assert_allclose(got_int8, reference_int8_dot(x, w, LEVELS), rtol=2e-7, atol=0)
+        np.testing.assert_allclose(got_float, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-3)
 
 
 @needs_kernel

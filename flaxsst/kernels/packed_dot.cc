@@ -3,21 +3,30 @@
 // memory once while every row of x consumes it, 6 rows a sweep (the pair then in L2). For the few rows
 // of an endpoint's one-text batch the weights' bytes bound the time, and contiguous panels stream
 // faster than a row-major [K, N]; for many rows the register blocking keeps up with the FMA units.
-// Panels are shared out in chunks between the calling thread and XLA's intra-op thread pool.
+// Panels are shared out in chunks between the calling thread and helpers: for a few rows the kernel's own
+// spinning threads, else XLA's intra-op thread pool.
 #include <immintrin.h>
+
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 #include <sys/syscall.h>
-#include <unistd.h>
 #endif
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -88,6 +97,83 @@ static void PanelPair(const float* x, int64_t m_dim, int64_t k_dim, const float*
   }
 }
 
+// Helper threads of the kernel's own, which spin for a while after each task before they sleep. The dots of
+// one forward come tens of microseconds apart and a sleeping pool thread takes about as long to wake, so with
+// XLA's pool alone a small dot runs mostly on the calling thread. A helper's spin yields the core to any other
+// runnable thread. A task finds a busy helper taken and goes to XLA's pool instead.
+constexpr auto kSpin = std::chrono::microseconds(500);
+
+class Helper {
+ public:
+  Helper() { std::thread([this] { Loop(); }).detach(); }
+
+  bool Post(std::function<void()>* task) {  // false: this helper is busy
+    bool busy = false;
+    if (!busy_.compare_exchange_strong(busy, true, std::memory_order_acquire)) return false;
+    std::lock_guard<std::mutex> lock(mu_);
+    task_.store(task, std::memory_order_release);
+    if (sleeping_) wake_.notify_one();
+    return true;
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      std::function<void()>* task = Wait();
+      (*task)();
+      delete task;
+      task_.store(nullptr, std::memory_order_relaxed);
+      busy_.store(false, std::memory_order_release);
+    }
+  }
+
+  std::function<void()>* Wait() {
+    auto until = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 1;; ++i) {
+      if (std::function<void()>* task = task_.load(std::memory_order_acquire)) return task;
+      _mm_pause();
+      if (i % 64 == 0) {
+        if (std::chrono::steady_clock::now() > until) break;
+        sched_yield();
+      }
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    sleeping_ = true;
+    wake_.wait(lock, [this] { return task_.load(std::memory_order_acquire) != nullptr; });
+    sleeping_ = false;
+    return task_.load(std::memory_order_acquire);
+  }
+
+  std::atomic<bool> busy_{false};
+  std::atomic<std::function<void()>*> task_{nullptr};
+  std::mutex mu_;
+  std::condition_variable wake_;
+  bool sleeping_ = false;
+};
+
+// Runs task on `count` threads besides the caller: for a dot of few rows (short: a wake-up would cost as much
+// as the work), the kernel's helpers where they are free; else XLA's pool, and then nothing spins.
+constexpr int64_t kHelperMaxRows = 32;
+
+static void Share(ffi::ThreadPool& pool, int64_t count, int64_t rows, const std::function<void()>& task) {
+  static std::vector<Helper*>* helpers = new std::vector<Helper*>();  // never freed: detached threads use them
+  static std::mutex mu;
+  static const pid_t owner = getpid();
+  bool helped = rows <= kHelperMaxRows && getpid() == owner;  // a forked child has the records, not the threads
+  if (helped) {
+    std::lock_guard<std::mutex> lock(mu);
+    while (static_cast<int64_t>(helpers->size()) < count) helpers->push_back(new Helper());
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    if (helped) {
+      auto* copy = new std::function<void()>(task);
+      if ((*helpers)[i]->Post(copy)) continue;
+      delete copy;
+    }
+    pool.Schedule(std::function<void()>(task));
+  }
+}
+
 struct Work {
   const float* x;
   const float* w;
@@ -127,7 +213,7 @@ static ffi::Error PackedDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   work->chunks = (work->n_dim / kLanes + kChunkPanels - 1) / kChunkPanels;
   // The calling thread takes part: with it, as many threads as the pool has.
   int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });  // a late helper finds no chunk
+  Share(pool, helpers, work->m_dim, [work] { work->Run(); });  // a late helper finds no chunk
   work->Run();
   while (work->finished.load(std::memory_order_acquire) < work->chunks) _mm_pause();
   return ffi::Error::Success();
@@ -187,8 +273,10 @@ extern "C" int flaxsst_int8_dot_levels() { return kLevels; }
 // AMX-INT8: a 2x2 block of 16x16 int32 tiles, rows of x (u8) against a pair of panels (s8), 64 k a step.
 // A panel of 16 columns is already a B tile's layout: K/4 rows of 16 columns x 4 k. Linux grants the tile
 // registers to a process that asks (arch_prctl); the tile configuration is loaded by each thread that runs.
+// With 32 rows or fewer the tiles of x and y hold only the rows there are: a tile's load and product take
+// time in proportion to its rows, and one 18-row sentence costs 16 + 2 rows, not 32.
 #define FLAXSST_AMX
-constexpr int kAmxMinRows = 16;  // fewer rows run vpdpbusd: a 16-row tile would be mostly padding
+constexpr int kAmxMinRows = 8;  // fewer rows run vpdpbusd, as fast there: the weights' bytes bound both
 
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -207,7 +295,7 @@ static bool AmxUsable() {  // once a process: the kernel's permission, and FLAXS
 }
 #endif
 
-// Whether this kernel multiplies int8 with AMX tiles in this process (for batches of 16 rows or more).
+// Whether this kernel multiplies int8 with AMX tiles in this process (for batches of 8 rows or more).
 extern "C" int flaxsst_int8_dot_amx() {
 #ifdef FLAXSST_AMX
   return AmxUsable() ? 1 : 0;
@@ -376,6 +464,10 @@ struct Int8Work {
         config.rows[t] = 16;
         config.colsb[t] = 64;
       }
+      if (m_dim <= 32) {  // one block of rows: the tiles of x and of y hold just its rows
+        config.rows[0] = config.rows[1] = config.rows[4] = std::min<int64_t>(16, m_dim);
+        if (m_dim > 16) config.rows[2] = config.rows[3] = config.rows[5] = m_dim - 16;
+      }
       _tile_loadconfig(&config);
       for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
         int64_t first = c * kChunkPanels;
@@ -444,7 +536,7 @@ static ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   work->x_zero.reset(new int32_t[work->m_dim]);
   work->chunks = (work->n_dim / kLanes + kChunkPanels - 1) / kChunkPanels;
   int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  Share(pool, helpers, work->m_dim, [work] { work->Run(); });
   work->Run();
   while (work->finished.load(std::memory_order_acquire) < work->chunks) _mm_pause();
   return ffi::Error::Success();
