@@ -218,8 +218,9 @@ def plot(records: list[dict], path: str) -> None:
         axis.set_ylabel("median ms (lower is better)")
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
+    note = f"\n{meta['note']}" if meta.get("note") else ""
     fig.suptitle(f"CPU inference, DistilBERT-base, {meta['date']}: {meta['cpu']}, {meta['threads']} threads "
-                 f"(runner@N: a peer batched N at a time, sorted, padded to each batch's longest)", fontsize=9)
+                 f"(runner@N: a peer batched N at a time, sorted, padded to each batch's longest){note}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -236,6 +237,7 @@ def main() -> None:
     parser.add_argument("--latency-calls", type=int, default=200, help="calls on the fixed sentence, all rounds together")
     parser.add_argument("--latency-rounds", type=int, default=2, help="rounds of each latency, every runner once a round")
     parser.add_argument("--skip-cold-start", action="store_true")
+    parser.add_argument("--no-bf16", action="store_true", help="leave flaxsst bf16 out (a CPU without bf16 units)")
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS, help="the peers to run (default: all)")
     args = parser.parse_args()
     if args.plot_from:
@@ -264,7 +266,7 @@ def main() -> None:
     texts = read_texts(args.texts)
     work, reference = random_model_dir(args.tokenizer_dir, "cpu_peers_")
     flax_fp32 = Classifier.from_pretrained(work)
-    flax_bf16 = Classifier.from_pretrained(work, dtype=jnp.bfloat16)
+    flax_bf16 = None if args.no_bf16 else Classifier.from_pretrained(work, dtype=jnp.bfloat16)
     flax_int8 = Classifier.from_pretrained(work, dtype="int8")
     ids = flax_fp32.encode(texts)
     one_ids = flax_fp32.encode([ONE_SENTENCE])
@@ -318,10 +320,12 @@ def main() -> None:
     runs = {"flaxsst_fp32": lambda: flax_fp32.logits(texts), "flaxsst_bf16": lambda: flax_bf16.logits(texts),
             "flaxsst_int8": lambda: flax_int8.logits(texts),
             "flaxsst_fp32_one_batch_at_a_time": lambda: flax_serial.logits(texts)}
+    ours = [name for name in ("flaxsst_fp32", "flaxsst_bf16", "flaxsst_int8") if name != "flaxsst_bf16" or flax_bf16 is not None]
+    runs = {name: fn for name, fn in runs.items() if name != "flaxsst_bf16" or flax_bf16 is not None}
     for name, fn in peers.items():
         for batch_size in args.peer_batch_sizes:
             runs[f"{name}@{batch_size}"] = lambda fn=fn, batch_size=batch_size: gather(fn, batch_size)
-    for name in ("flaxsst_fp32", "flaxsst_bf16", "flaxsst_int8"):  # first calls compile: timed apart
+    for name in ours:  # first calls compile: timed apart
         start = time.perf_counter()
         runs[name]()
         programs = {(batch.rows, batch.length) for batch in flax_fp32.shapes.plan([len(seq) for seq in ids])}
@@ -346,6 +350,7 @@ def main() -> None:
     single = {"flaxsst_fp32": lambda text: flax_fp32.logits([text]), "flaxsst_bf16": lambda text: flax_bf16.logits([text]),
               "flaxsst_int8": lambda text: flax_int8.logits([text]),
               **{name: peer_text_fn(fn) for name, fn in peers.items()}}
+    single = {name: fn for name, fn in single.items() if name != "flaxsst_bf16" or flax_bf16 is not None}
     if [wordpiece.encode(text).ids for text in texts] != ids:
         raise SystemExit(f"{work}/tokenizer.json does not give the peers flaxsst's token ids")
     calls_per_round = max(1, args.latency_calls // args.latency_rounds)
@@ -390,16 +395,18 @@ def main() -> None:
     one_int8_peer, one_int8_peer_ms = fastest(int8_peers, medians)
     traffic_peer, traffic_peer_ms = fastest(fp32_peers, traffic)
     traffic_int8_peer, traffic_int8_peer_ms = fastest(int8_peers, traffic)
-    fp32_logits, bf16_logits, int8_logits = flax_fp32.logits(texts), flax_bf16.logits(texts), flax_int8.logits(texts)
+    fp32_logits, int8_logits = flax_fp32.logits(texts), flax_int8.logits(texts)
+    bf16_logits = flax_bf16.logits(texts) if flax_bf16 is not None else None
     emit({
         "what": "summary",
         "fastest_fp32_peer": fp32_peer, "flaxsst_fp32_time_vs_it": ratio(seconds["flaxsst_fp32"], fp32_peer_s),
-        "fastest_bf16_peer": bf16_peer, "flaxsst_bf16_time_vs_it": ratio(seconds["flaxsst_bf16"], bf16_peer_s),
+        "fastest_bf16_peer": bf16_peer, "flaxsst_bf16_time_vs_it": ratio(seconds.get("flaxsst_bf16"), bf16_peer_s),
         "fastest_int8_peer": int8_peer, "flaxsst_int8_time_vs_it": ratio(seconds["flaxsst_int8"], int8_peer_s),
         "flaxsst_fp32_time_vs_int8_peer": ratio(seconds["flaxsst_fp32"], int8_peer_s),
-        "flaxsst_bf16_time_vs_int8_peer": ratio(seconds["flaxsst_bf16"], int8_peer_s),
-        "flaxsst_bf16_vs_fp32_label_agreement": float(np.mean(bf16_logits.argmax(1) == fp32_logits.argmax(1))),
-        "flaxsst_bf16_vs_fp32_max_abs_logit_diff": float(np.abs(bf16_logits - fp32_logits).max()),
+        "flaxsst_bf16_time_vs_int8_peer": ratio(seconds.get("flaxsst_bf16"), int8_peer_s),
+        **({} if bf16_logits is None else {
+            "flaxsst_bf16_vs_fp32_label_agreement": float(np.mean(bf16_logits.argmax(1) == fp32_logits.argmax(1))),
+            "flaxsst_bf16_vs_fp32_max_abs_logit_diff": float(np.abs(bf16_logits - fp32_logits).max())}),
         "flaxsst_int8_vs_fp32_label_agreement": float(np.mean(int8_logits.argmax(1) == fp32_logits.argmax(1))),
         "flaxsst_int8_vs_fp32_max_abs_logit_diff": float(np.abs(int8_logits - fp32_logits).max()),
         "one_sentence_fastest_peer": one_peer,
