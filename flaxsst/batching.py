@@ -2,11 +2,13 @@
 fixed set of shapes so that repeated calls reuse a few compiled programs.
 
 On a CPU the work grows with every padded token and every padding row, and a compile takes
-~0.5 s, so a batch of 24 texts takes the shortest of ``octave_steps`` lengths that holds its
-longest text (every length up to 16, then steps of 2 to 32, 4 to 64, 8 to 128: a text pads by less
-than 1/8 of its own length), and a short batch runs as power-of-two parts instead of carrying
-padding rows (measured on the 872 SST-2 dev sentences, bench/RESULTS.md). On an accelerator, where
-a launch costs more than a padded row, batches pad to powers of two.
+~0.5 s, so a batch takes the shortest of ``octave_steps`` lengths that holds its longest text (every
+length up to 16, then steps of 2 to 32, 4 to 64, 8 to 128: a text pads by less than 1/8 of its own
+length) and holds as many texts as it has rows: 24, or a power of two below. Where the sorted texts
+are cut is chosen for the least work: padded tokens, attention's share that grows with the length,
+and a call's fixed cost (``CPU_CALL_TOKENS``). A server's batch of texts drawn at random pads far
+more than a sorted corpus when cut every 24 texts (bench/RESULTS.md). On an accelerator, where a
+launch costs more than a padded row, batches of ``batch_size`` pad to powers of two.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ CPU_BATCH_SIZE = 24
 CPU_STEPS_PER_OCTAVE = 8
 ACCELERATOR_BATCH_SIZE = 128
 ACCELERATOR_SMALLEST_LENGTH = 16
+# The cost of a CPU batch in padded tokens, fitted on DistilBERT-base fp32, 2 cores (bench/RESULTS.md,
+# 2026-12-07): 4.2 ms a call + 0.32 ms a token + 0.00065 ms a token per token of length (attention).
+CPU_CALL_TOKENS = 13.0
+CPU_ATTENTION_PER_LENGTH = 0.002
 
 
 def powers_of_two(smallest: int, largest: int) -> tuple[int, ...]:
@@ -78,8 +84,9 @@ class Batch:
 @dataclasses.dataclass(frozen=True)
 class BatchShapes:
     """The shapes batches take: at most ``batch_size`` rows, one of ``lengths`` tokens (ascending; the
-    last is the longest a text is cut to). ``split_rows``: a batch of fewer rows than ``batch_size``
-    runs as power-of-two parts with no padding rows; otherwise it pads its rows to a power of two."""
+    last is the longest a text is cut to). ``split_rows``: every batch holds as many texts as it has
+    rows (``batch_size``, or a power of two below it), cut where the work is least; otherwise a short
+    last batch pads its rows to a power of two."""
 
     batch_size: int
     lengths: tuple[int, ...]
@@ -129,27 +136,41 @@ class BatchShapes:
             raise ValueError(f"a text of {longest} tokens is longer than the longest batch ({self.lengths[-1]})")
         return pick_length(longest, self.lengths, self.lengths[-1])
 
-    def _parts(self, count: int) -> list[tuple[int, int]]:
-        """``(texts, rows)`` of the batches ``count`` sorted texts (at most ``batch_size``) run as."""
-        if count == self.batch_size:
-            return [(count, count)]
-        if not self.split_rows:
-            return [(count, min(1 << (count - 1).bit_length(), self.batch_size))]
-        parts = []
-        while count:
-            rows = 1 << (count.bit_length() - 1)
-            parts.append((rows, rows))
-            count -= rows
-        return parts
-
     def plan(self, lengths: Sequence[int]) -> list[Batch]:
-        """Batches for texts of ``lengths`` tokens: sorted by length (stable), cut into ``batch_size``
-        rows, each padded to its own longest text's shortest fitting length."""
-        order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+        """Batches for texts of ``lengths`` tokens: sorted by length (stable), each padded to its own
+        longest text's shortest fitting length. On a CPU (``split_rows``) each batch holds as many texts as
+        rows, the cuts chosen for the least cost (``least_cost_cuts``); elsewhere every ``batch_size``
+        texts, a short last batch padded to a power of two rows."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        order = np.argsort(lengths, kind="stable")
+        if self.split_rows:
+            padded = [self.padded_length(int(length)) for length in lengths[order]]
+            return [Batch(order[start:end], end - start, padded[end - 1])
+                    for start, end in least_cost_cuts(padded, self.row_counts())]
         batches = []
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            for texts, rows in self._parts(len(chunk)):
-                part, chunk = chunk[:texts], chunk[texts:]
-                batches.append(Batch(part, rows, self.padded_length(int(max(lengths[i] for i in part)))))
+            part = order[start : start + self.batch_size]
+            rows = len(part) if len(part) == self.batch_size else min(1 << (len(part) - 1).bit_length(), self.batch_size)
+            batches.append(Batch(part, rows, self.padded_length(int(lengths[part].max()))))
         return batches
+
+
+def least_cost_cuts(padded: Sequence[int], row_counts: Sequence[int]) -> list[tuple[int, int]]:
+    """``(start, end)`` runs of the ascending ``padded`` lengths, each of one of ``row_counts`` texts, that
+    cover them at the least cost: a run costs its rows x its last length x (1 + ``CPU_ATTENTION_PER_LENGTH`` x
+    that length), plus ``CPU_CALL_TOKENS``. Dynamic programming over the run ends, O(len x row counts)."""
+    best, take = [0.0] + [float("inf")] * len(padded), [0] * (len(padded) + 1)
+    for end in range(1, len(padded) + 1):
+        length = padded[end - 1]
+        per_row = length * (1 + CPU_ATTENTION_PER_LENGTH * length)
+        for rows in row_counts:
+            if rows > end:
+                break
+            cost = best[end - rows] + rows * per_row + CPU_CALL_TOKENS
+            if cost < best[end]:
+                best[end], take[end] = cost, rows
+    cuts, end = [], len(padded)
+    while end:
+        cuts.append((end - take[end], end))
+        end -= take[end]
+    return cuts[::-1]

@@ -3,19 +3,46 @@
 import numpy as np
 import pytest
 
-from flaxsst.batching import BatchShapes, multiples, octave_steps, powers_of_two
+from flaxsst.batching import (CPU_ATTENTION_PER_LENGTH, CPU_CALL_TOKENS, BatchShapes, least_cost_cuts, multiples,
+                              octave_steps, powers_of_two)
 from flaxsst.errors import ConfigError
 
 
-def test_cpu_batches_pad_by_under_an_eighth_and_split_short_batches_into_powers_of_two():
+def test_cpu_batches_pad_by_under_an_eighth_and_are_cut_where_the_work_is_least():
     shapes = BatchShapes.for_backend("cpu", 128, batch_size=4)
-    lengths = [9, 2, 31, 5, 5, 17, 100]  # sorted: 2 5 5 9 | 17 31 100
+    lengths = [9, 2, 31, 5, 5, 17, 100]  # sorted: 2 5 5 9 | 17 | 31 | 100
     batches = shapes.plan(lengths)
     got = [(sorted(b.indices.tolist()), b.rows, b.length) for b in batches]
-    # worked by hand: 2, 5, 5, 9 tokens take length 9 (every length up to 16); the last three split
-    # 2 + 1: 31 pads to 32 (steps of 2 up to 32), 100 to 104 (steps of 8 from 64)
-    assert got == [([0, 1, 3, 4], 4, 9), ([2, 5], 2, 32), ([6], 1, 104)]
+    # worked by hand: 2, 5, 5, 9 tokens take length 9 (every length up to 16); 17 pads to 18 and 31 to 32
+    # (steps of 2 up to 32), 100 to 104 (steps of 8 from 64). Apart, 17 and 31 cost
+    # 18 x 1.036 + 13 + 32 x 1.064 + 13 = 78.7 padded tokens; together in 2 rows of 32, 64 x 1.064 + 13 = 81.1
+    assert got == [([0, 1, 3, 4], 4, 9), ([5], 1, 18), ([2], 1, 32), ([6], 1, 104)]
     assert BatchShapes.for_backend("cpu", 128).batch_size == 24
+    # seven texts of 2 tokens and one of 60: cut every 4 texts, three short ones would pad to 60
+    batches = shapes.plan([2] * 7 + [60])
+    assert sorted((b.rows, b.length) for b in batches) == [(1, 2), (1, 60), (2, 2), (4, 2)]
+
+
+def test_least_cost_cuts_equal_a_search_of_every_cut():
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        padded = sorted(rng.choice([4, 9, 16, 18, 32, 64, 104], size=rng.integers(1, 10)).tolist())
+        row_counts = [1, 2, 4, 6]
+
+        def cost(cuts):
+            return sum((end - start) * padded[end - 1] * (1 + CPU_ATTENTION_PER_LENGTH * padded[end - 1])
+                       + CPU_CALL_TOKENS for start, end in cuts)
+
+        def every(start):  # every way to cover padded[start:] with runs of row_counts texts
+            if start == len(padded):
+                yield []
+            for rows in row_counts:
+                if start + rows <= len(padded):
+                    for rest in every(start + rows):
+                        yield [(start, start + rows), *rest]
+
+        cheapest = min(cost(cuts) for cuts in every(0))
+        assert cost(least_cost_cuts(padded, row_counts)) == pytest.approx(cheapest)
 
 
 def test_every_text_is_in_exactly_one_batch_that_holds_it():
