@@ -40,7 +40,7 @@ def test_pack_params_packs_the_dense_kernels_whose_outputs_fit_the_panels_only()
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5, 11, 12, 13, 17, 24, 30])
-@pytest.mark.parametrize("k, n", [(32, 64), (768, 768), (96, 3072), (0, 32)])
+@pytest.mark.parametrize("k, n", [(32, 64), (768, 768), (96, 3072), (0, 32), (20, 32), (40, 96)])  # 2, 6 panels
 def test_packed_dot_equals_the_float64_product(rows, k, n):
     rng = np.random.default_rng(rows * k)
     x = rng.standard_normal((rows, k)).astype(np.float32)

@@ -1,8 +1,9 @@
 // y[M, N] = x[M, K] @ W for float32, W prepacked in column panels of LANES: panel p holds
-// W[:, p*LANES:(p+1)*LANES] as K contiguous rows of LANES floats. Each pair of panels streams from
-// memory once while every row of x consumes it, 6 rows a sweep (the pair then in L2). For the few rows
-// of an endpoint's one-text batch the weights' bytes bound the time, and contiguous panels stream
-// faster than a row-major [K, N]; for many rows the register blocking keeps up with the FMA units.
+// W[:, p*LANES:(p+1)*LANES] as K contiguous rows of LANES floats. Each group of panels (4 with AVX-512, 2
+// with AVX2) streams from memory once while every row of x consumes it, 6 rows a sweep (the panels then in
+// L2). For the few rows of an endpoint's one-text batch the weights' bytes bound the time, and contiguous
+// panels stream faster than a row-major [K, N]; for many rows the register blocking keeps up with the FMA
+// units.
 // Panels are shared out in chunks between the calling thread and helpers: for a few rows the kernel's own
 // spinning threads, else XLA's intra-op thread pool.
 #include <immintrin.h>
@@ -53,46 +54,49 @@ static inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 #endif
 
 constexpr int kMaxRows = 6;      // rows a sweep
+// Panels a sweep: 4 x 6 = 24 accumulators of AVX-512's 32 registers (11-12% faster than 2 at 1-512 rows,
+// bench/RESULTS.md), 2 x 6 of AVX2's 16.
+constexpr int kGroupPanels = kLanes == 16 ? 4 : 2;
 constexpr int kChunkPanels = 4;  // panels a thread takes at a time (an even number: pairs)
 
 // Columns a panel holds; a packed kernel's N is a multiple of twice this.
 extern "C" int flaxsst_packed_dot_lanes() { return kLanes; }
 
-// A sweep: R rows of x against two neighbouring panels, 2R accumulators (12 at R=6): each x value
-// loaded once feeds two FMAs, so the loads keep up with the FMA units at any number of rows.
-template <int R>
+// A sweep: R rows of x against P neighbouring panels, P x R accumulators (24 at P=4, R=6): each x value
+// loaded once feeds P FMAs, so the loads keep up with the FMA units at any number of rows.
+template <int R, int P>
 static void Sweep(const float* x, int64_t k_dim, const float* panels, float* y, int64_t n_dim) {
-  const float* second = panels + k_dim * kLanes;
-  Vec acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = Zero();
+  Vec acc[P][R];
+  for (int q = 0; q < P; ++q)
+    for (int r = 0; r < R; ++r) acc[q][r] = Zero();
   for (int64_t k = 0; k < k_dim; ++k) {
-    Vec w0 = Load(panels + kLanes * k), w1 = Load(second + kLanes * k);
-    _mm_prefetch(reinterpret_cast<const char*>(panels + kLanes * k + 1024), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(second + kLanes * k + 1024), _MM_HINT_T0);
+    Vec w[P];
+    for (int q = 0; q < P; ++q) {
+      w[q] = Load(panels + q * k_dim * kLanes + kLanes * k);
+      _mm_prefetch(reinterpret_cast<const char*>(panels + q * k_dim * kLanes + kLanes * k + 1024), _MM_HINT_T0);
+    }
     for (int r = 0; r < R; ++r) {
       Vec xv = Splat(x[r * k_dim + k]);
-      acc0[r] = Fma(xv, w0, acc0[r]);
-      acc1[r] = Fma(xv, w1, acc1[r]);
+      for (int q = 0; q < P; ++q) acc[q][r] = Fma(xv, w[q], acc[q][r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    Store(y + r * n_dim, acc0[r]);
-    Store(y + r * n_dim + kLanes, acc1[r]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < P; ++q) Store(y + r * n_dim + q * kLanes, acc[q][r]);
 }
 
-// Two panels against every row of x, kMaxRows at a time (the panels stay in L2 between sweeps).
-static void PanelPair(const float* x, int64_t m_dim, int64_t k_dim, const float* panels, float* y, int64_t n_dim) {
+// P panels against every row of x, kMaxRows at a time (the panels stay in L2 between sweeps).
+template <int P>
+static void PanelGroup(const float* x, int64_t m_dim, int64_t k_dim, const float* panels, float* y, int64_t n_dim) {
   for (int64_t m = 0; m < m_dim; m += kMaxRows) {
     const float* xs = x + m * k_dim;
     float* ys = y + m * n_dim;
     switch (std::min<int64_t>(kMaxRows, m_dim - m)) {
-      case 1: Sweep<1>(xs, k_dim, panels, ys, n_dim); break;
-      case 2: Sweep<2>(xs, k_dim, panels, ys, n_dim); break;
-      case 3: Sweep<3>(xs, k_dim, panels, ys, n_dim); break;
-      case 4: Sweep<4>(xs, k_dim, panels, ys, n_dim); break;
-      case 5: Sweep<5>(xs, k_dim, panels, ys, n_dim); break;
-      default: Sweep<6>(xs, k_dim, panels, ys, n_dim); break;
+      case 1: Sweep<1, P>(xs, k_dim, panels, ys, n_dim); break;
+      case 2: Sweep<2, P>(xs, k_dim, panels, ys, n_dim); break;
+      case 3: Sweep<3, P>(xs, k_dim, panels, ys, n_dim); break;
+      case 4: Sweep<4, P>(xs, k_dim, panels, ys, n_dim); break;
+      case 5: Sweep<5, P>(xs, k_dim, panels, ys, n_dim); break;
+      default: Sweep<6, P>(xs, k_dim, panels, ys, n_dim); break;
     }
   }
 }
@@ -186,7 +190,16 @@ struct Work {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       int64_t first = c * kChunkPanels;
       int64_t last = std::min<int64_t>(first + kChunkPanels, n_dim / kLanes);
-      for (int64_t p = first; p < last; p += 2) PanelPair(x, m_dim, k_dim, w + p * k_dim * kLanes, y + p * kLanes, n_dim);
+      for (int64_t p = first; p < last;) {
+        const float* panels = w + p * k_dim * kLanes;
+        if (kGroupPanels == 4 && p + 4 <= last) {
+          PanelGroup<4>(x, m_dim, k_dim, panels, y + p * kLanes, n_dim);
+          p += 4;
+        } else {
+          PanelGroup<2>(x, m_dim, k_dim, panels, y + p * kLanes, n_dim);
+          p += 2;
+        }
+      }
       finished.fetch_add(1, std::memory_order_release);
     }
   }
