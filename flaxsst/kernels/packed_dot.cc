@@ -8,6 +8,7 @@
 // spinning threads, else XLA's intra-op thread pool.
 #include <immintrin.h>
 
+#include <pthread.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -109,7 +110,12 @@ constexpr auto kSpin = std::chrono::microseconds(500);
 
 class Helper {
  public:
-  Helper() { std::thread([this] { Loop(); }).detach(); }
+  Helper() {
+    std::thread([this] {
+      pthread_setname_np(pthread_self(), "flaxsst-dot");  // as top and /proc name it
+      Loop();
+    }).detach();
+  }
 
   bool Post(std::function<void()>* task) {  // false: this helper is busy
     bool busy = false;
