@@ -4,8 +4,9 @@ fixed set of shapes so that repeated calls reuse a few compiled programs.
 On a CPU the work grows with every padded token and every padding row, and a compile takes
 ~0.5 s, so a batch takes the shortest of ``octave_steps`` lengths that holds its longest text (every
 length up to 16, then steps of 2 to 32, 4 to 64, 8 to 128: a text pads by less than 1/8 of its own
-length) and holds as many texts as it has rows: 24, or a power of two below. Where the sorted texts
-are cut is chosen for the least work: padded tokens, attention's share that grows with the length,
+length) and holds as many texts as it has rows: 24, or a power of two below. The sorted texts are cut
+every 24 (the fewest shapes, so the fewest compiles), or, once every shape is compiled (a server after
+its warm-up), where the work is least: padded tokens, attention's share that grows with the length,
 and a call's fixed cost (``CPU_CALL_TOKENS``). A server's batch of texts drawn at random pads far
 more than a sorted corpus when cut every 24 texts (bench/RESULTS.md). On an accelerator, where a
 launch costs more than a padded row, batches of ``batch_size`` pad to powers of two.
@@ -85,8 +86,8 @@ class Batch:
 class BatchShapes:
     """The shapes batches take: at most ``batch_size`` rows, one of ``lengths`` tokens (ascending; the
     last is the longest a text is cut to). ``split_rows``: every batch holds as many texts as it has
-    rows (``batch_size``, or a power of two below it), cut where the work is least; otherwise a short
-    last batch pads its rows to a power of two."""
+    rows (``batch_size``, or a power of two below it); otherwise a short last batch pads its rows to a
+    power of two."""
 
     batch_size: int
     lengths: tuple[int, ...]
@@ -136,23 +137,38 @@ class BatchShapes:
             raise ValueError(f"a text of {longest} tokens is longer than the longest batch ({self.lengths[-1]})")
         return pick_length(longest, self.lengths, self.lengths[-1])
 
-    def plan(self, lengths: Sequence[int]) -> list[Batch]:
+    def plan(self, lengths: Sequence[int], least_cost: bool = False) -> list[Batch]:
         """Batches for texts of ``lengths`` tokens: sorted by length (stable), each padded to its own
-        longest text's shortest fitting length. On a CPU (``split_rows``) each batch holds as many texts as
-        rows, the cuts chosen for the least cost (``least_cost_cuts``); elsewhere every ``batch_size``
-        texts, a short last batch padded to a power of two rows."""
+        longest text's shortest fitting length, cut every ``batch_size`` texts. On a CPU (``split_rows``)
+        a short last batch runs as power-of-two parts with no padding rows, and ``least_cost`` (for a
+        ``Classifier`` whose every shape is compiled) cuts instead where the work is least
+        (``least_cost_cuts``); elsewhere a short last batch pads its rows to a power of two."""
         lengths = np.asarray(lengths, dtype=np.int64)
         order = np.argsort(lengths, kind="stable")
-        if self.split_rows:
+        if self.split_rows and least_cost:
             padded = [self.padded_length(int(length)) for length in lengths[order]]
             return [Batch(order[start:end], end - start, padded[end - 1])
                     for start, end in least_cost_cuts(padded, self.row_counts())]
         batches = []
         for start in range(0, len(order), self.batch_size):
-            part = order[start : start + self.batch_size]
-            rows = len(part) if len(part) == self.batch_size else min(1 << (len(part) - 1).bit_length(), self.batch_size)
-            batches.append(Batch(part, rows, self.padded_length(int(lengths[part].max()))))
+            chunk = order[start : start + self.batch_size]
+            for texts, rows in self._parts(len(chunk)):
+                part, chunk = chunk[:texts], chunk[texts:]
+                batches.append(Batch(part, rows, self.padded_length(int(lengths[part].max()))))
         return batches
+
+    def _parts(self, count: int) -> list[tuple[int, int]]:
+        """``(texts, rows)`` of the batches ``count`` sorted texts (at most ``batch_size``) run as."""
+        if count == self.batch_size:
+            return [(count, count)]
+        if not self.split_rows:
+            return [(count, min(1 << (count - 1).bit_length(), self.batch_size))]
+        parts = []
+        while count:
+            rows = 1 << (count.bit_length() - 1)
+            parts.append((rows, rows))
+            count -= rows
+        return parts
 
 
 def least_cost_cuts(padded: Sequence[int], row_counts: Sequence[int]) -> list[tuple[int, int]]:

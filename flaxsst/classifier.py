@@ -133,6 +133,7 @@ class Classifier:
         self.small_forward = plain_dot_forward(apply) if plain else None
         self.programs: dict[tuple[int, int], Callable] = {}  # (rows, length) -> its executable, once warm
         self.programs_compiled = 0
+        self.all_warm = False  # every shape ready (warm_up): batches may take any of them at no compile
 
     @functools.cached_property
     def store_key(self) -> str:
@@ -172,7 +173,7 @@ class Classifier:
         out = np.zeros((len(ids), self.config.num_labels), dtype=np.float32)
         if not len(ids):
             return out
-        batches = self.shapes.plan([len(seq) for seq in ids])
+        batches = self.shapes.plan([len(seq) for seq in ids], least_cost=self.all_warm)
         if progress is None:
             disable = None if len(batches) > 20 else True  # None: tqdm shows the bar only on a terminal
         else:
@@ -253,6 +254,7 @@ class Classifier:
                                                           thread_name_prefix="flaxsst-compile") as pool:
                 for future in [pool.submit(ready, shape) for shape in shapes]:
                     future.result()
+        self.all_warm = len(self.programs) == len(self.program_shapes())
         if self.programs and len(self.programs) == total:  # the runtime's first-call set-up, before a request
             rows, length = min(self.programs)
             ids = pad_right([[self.tokenizer.cls_id, self.tokenizer.sep_id]], rows, length, self.tokenizer.pad_id)

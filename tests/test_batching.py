@@ -8,19 +8,28 @@ from flaxsst.batching import (CPU_ATTENTION_PER_LENGTH, CPU_CALL_TOKENS, BatchSh
 from flaxsst.errors import ConfigError
 
 
-def test_cpu_batches_pad_by_under_an_eighth_and_are_cut_where_the_work_is_least():
+def test_cpu_batches_pad_by_under_an_eighth_and_split_short_batches_into_powers_of_two():
     shapes = BatchShapes.for_backend("cpu", 128, batch_size=4)
-    lengths = [9, 2, 31, 5, 5, 17, 100]  # sorted: 2 5 5 9 | 17 | 31 | 100
+    lengths = [9, 2, 31, 5, 5, 17, 100]  # sorted: 2 5 5 9 | 17 31 100
     batches = shapes.plan(lengths)
     got = [(sorted(b.indices.tolist()), b.rows, b.length) for b in batches]
-    # worked by hand: 2, 5, 5, 9 tokens take length 9 (every length up to 16); 17 pads to 18 and 31 to 32
-    # (steps of 2 up to 32), 100 to 104 (steps of 8 from 64). Apart, 17 and 31 cost
-    # 18 x 1.036 + 13 + 32 x 1.064 + 13 = 78.7 padded tokens; together in 2 rows of 32, 64 x 1.064 + 13 = 81.1
-    assert got == [([0, 1, 3, 4], 4, 9), ([5], 1, 18), ([2], 1, 32), ([6], 1, 104)]
+    # worked by hand: 2, 5, 5, 9 tokens take length 9 (every length up to 16); the last three split
+    # 2 + 1: 31 pads to 32 (steps of 2 up to 32), 100 to 104 (steps of 8 from 64)
+    assert got == [([0, 1, 3, 4], 4, 9), ([2, 5], 2, 32), ([6], 1, 104)]
     assert BatchShapes.for_backend("cpu", 128).batch_size == 24
+
+
+def test_warm_cpu_batches_are_cut_where_the_work_is_least():
+    shapes = BatchShapes.for_backend("cpu", 128, batch_size=4)
+    batches = shapes.plan([9, 2, 31, 5, 5, 17, 100], least_cost=True)  # sorted: 2 5 5 9 | 17 | 31 | 100
+    got = [(sorted(b.indices.tolist()), b.rows, b.length) for b in batches]
+    # worked by hand: apart, 17 and 31 cost 18 x 1.036 + 13 + 32 x 1.064 + 13 = 78.7 padded tokens;
+    # together in 2 rows of 32, 64 x 1.064 + 13 = 81.1
+    assert got == [([0, 1, 3, 4], 4, 9), ([5], 1, 18), ([2], 1, 32), ([6], 1, 104)]
     # seven texts of 2 tokens and one of 60: cut every 4 texts, three short ones would pad to 60
-    batches = shapes.plan([2] * 7 + [60])
+    batches = shapes.plan([2] * 7 + [60], least_cost=True)
     assert sorted((b.rows, b.length) for b in batches) == [(1, 2), (1, 60), (2, 2), (4, 2)]
+    assert [(b.rows, b.length) for b in shapes.plan([2] * 7 + [60])] == [(4, 2), (4, 60)]
 
 
 def test_least_cost_cuts_equal_a_search_of_every_cut():
@@ -50,15 +59,19 @@ def test_every_text_is_in_exactly_one_batch_that_holds_it():
     lengths = rng.integers(2, 65, 1000).tolist()
     for backend in ("cpu", "gpu"):
         shapes = BatchShapes.for_backend(backend, 64, batch_size=24)
-        batches = shapes.plan(lengths)
-        seen = np.concatenate([b.indices for b in batches])
-        assert sorted(seen.tolist()) == list(range(1000))
-        for b in batches:
-            assert len(b.indices) <= b.rows <= 24 and (b.rows, b.length) in shapes.programs()
-            assert max(lengths[i] for i in b.indices) <= b.length
-            if backend == "cpu":
-                longest = max(lengths[i] for i in b.indices)
-                assert b.rows == len(b.indices) and b.length - longest < max(1, longest / 8)
+        for least_cost in (False, True):
+            check_plan(shapes, lengths, shapes.plan(lengths, least_cost), backend)
+
+
+def check_plan(shapes, lengths, batches, backend):
+    seen = np.concatenate([b.indices for b in batches])
+    assert sorted(seen.tolist()) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b.indices) <= b.rows <= 24 and (b.rows, b.length) in shapes.programs()
+        assert max(lengths[i] for i in b.indices) <= b.length
+        if backend == "cpu":
+            longest = max(lengths[i] for i in b.indices)
+            assert b.rows == len(b.indices) and b.length - longest < max(1, longest / 8)
 
 
 def test_accelerator_batches_keep_powers_of_two_lengths_and_padded_rows():
