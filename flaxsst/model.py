@@ -127,8 +127,10 @@ def _dense(config: ModelConfig, precision: Precision, features: int, name: str):
 def gelu(x: jax.Array) -> jax.Array:
     """The exact GELU as transformers writes it, ``x/2 * (1 + erf(x/sqrt(2)))``. XLA's erf is one rational
     function; ``jax.nn.gelu``'s erfc form evaluates an exponential, two divisions and two polynomials per
-    element, 2-3x the time on a CPU (bench/RESULTS.md, 2026-12-07), for the same values within 1e-6."""
-    return x * 0.5 * (1.0 + jax.lax.erf(x * (1 / math.sqrt(2))))
+    element, 2-3x the time on a CPU (bench/RESULTS.md, 2026-12-07), for the same values within 1e-6. In float32
+    whatever ``x`` is: for negative ``x``, ``1 + erf`` cancels, and bf16 would keep ~3 significant bits of it."""
+    y = x.astype(jnp.float32)
+    return (y * 0.5 * (1.0 + jax.lax.erf(y * (1 / math.sqrt(2))))).astype(x.dtype)
 
 
 def _layer_norm(config: ModelConfig, precision: Precision, name: str) -> "LayerNorm":
