@@ -10,6 +10,10 @@ its warm-up), where the work is least: padded tokens, attention's share that gro
 and a call's fixed cost (``CPU_CALL_TOKENS``). A server's batch of texts drawn at random pads far
 more than a sorted corpus when cut every 24 texts (bench/RESULTS.md). On an accelerator, where a
 launch costs more than a padded row, batches of ``batch_size`` pad to powers of two.
+
+``BatchShapes.pack`` puts several texts in a row instead (each attends only to its own tokens: the
+model's ``cls_positions``): the same shapes, a server's batch of 69 SST-2 sentences padded 1.05x
+instead of 1.14x, in 3 calls instead of 9.
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ CPU_BATCH_SIZE = 24
 CPU_STEPS_PER_OCTAVE = 8
 ACCELERATOR_BATCH_SIZE = 128
 ACCELERATOR_SMALLEST_LENGTH = 16
-# The cost of a CPU batch in padded tokens, fitted on DistilBERT-base fp32, 2 cores (bench/RESULTS.md,
-# 2026-12-07): 4.2 ms a call + 0.32 ms a token + 0.00065 ms a token per token of length (attention).
-CPU_CALL_TOKENS = 13.0
-CPU_ATTENTION_PER_LENGTH = 0.002
+# The cost of a CPU batch in padded tokens, fitted on DistilBERT-base fp32, 2 cores, over 1-24 rows of 16-128
+# tokens (bench/RESULTS.md, 2026-12-07): 6.1 ms a call + 0.26 ms a token + 0.00013 ms a token per token of
+# length (attention), within 11% of each measured shape.
+CPU_CALL_TOKENS = 24.0
+CPU_ATTENTION_PER_LENGTH = 0.0005
+# A packed row of ``length`` tokens holds at most ``length // PACKED_TOKENS_PER_SLOT`` texts: the last block
+# runs one query row per slot, used or not.
+PACKED_TOKENS_PER_SLOT = 8
 
 
 def powers_of_two(smallest: int, largest: int) -> tuple[int, ...]:
@@ -80,6 +88,24 @@ class Batch:
     indices: np.ndarray
     rows: int
     length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """``indices`` of the inputs in this batch, packed in ``rows`` x ``length`` tokens: input ``indices[i]``
+    fills ``row[i]`` from ``start[i]``, its row's ``slot[i]``-th text (``slots(length)`` at most)."""
+
+    indices: np.ndarray
+    rows: int
+    length: int
+    row: np.ndarray
+    start: np.ndarray
+    slot: np.ndarray
+
+
+def slots(length: int) -> int:
+    """How many texts a packed row of ``length`` tokens holds at most."""
+    return max(1, length // PACKED_TOKENS_PER_SLOT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +183,27 @@ class BatchShapes:
                 batches.append(Batch(part, rows, self.padded_length(int(lengths[part].max()))))
         return batches
 
+    def pack(self, lengths: Sequence[int]) -> list[PackedBatch]:
+        """Batches for texts of ``lengths`` tokens, several texts to a row (``packing_groups``): the texts of a
+        group fill rows of its longest text's padded length, first fit from the longest, and its rows are
+        cut into batches of ``row_counts``, the largest first."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        order = np.argsort(lengths, kind="stable")
+        padded = [self.padded_length(int(length)) for length in lengths[order]]
+        batches = []
+        for start, end in packing_groups(lengths[order], padded, self.row_counts()):
+            length = padded[end - 1]
+            rows = first_fit_rows(lengths[order[start:end]], length, slots(length))
+            counts = self.row_counts()
+            while rows:
+                count = max(c for c in counts if c <= len(rows))
+                part, rows = rows[:count], rows[count:]
+                texts = [(index, row, offset, slot) for row, placed in enumerate(part)
+                         for slot, (index, offset) in enumerate(placed)]
+                index, row, offset, slot = (np.asarray(column, dtype=np.int64) for column in zip(*texts))
+                batches.append(PackedBatch(order[start + index], count, length, row, offset, slot))
+        return batches
+
     def _parts(self, count: int) -> list[tuple[int, int]]:
         """``(texts, rows)`` of the batches ``count`` sorted texts (at most ``batch_size``) run as."""
         if count == self.batch_size:
@@ -190,3 +237,56 @@ def least_cost_cuts(padded: Sequence[int], row_counts: Sequence[int]) -> list[tu
         cuts.append((end - take[end], end))
         end -= take[end]
     return cuts[::-1]
+
+
+def packing_cost(tokens: int, count: int, longest_halves: int, length: int, row_counts: Sequence[int]) -> float:
+    """The estimated cost (``least_cost_cuts``' units) of packing ``count`` texts of ``tokens`` in all, of
+    which ``longest_halves`` are longer than half of ``length``, into rows of ``length`` tokens."""
+    rows = max(-(-tokens // length), longest_halves, -(-count // slots(length)))
+    calls, left = 0, rows
+    for size in sorted(row_counts, reverse=True):
+        calls, left = calls + left // size, left % size
+    return rows * length * (1 + CPU_ATTENTION_PER_LENGTH * length) + calls * CPU_CALL_TOKENS
+
+
+def packing_groups(lengths: Sequence[int], padded: Sequence[int], row_counts: Sequence[int]) -> list[tuple[int, int]]:
+    """``(start, end)`` runs of the ascending ``lengths`` (``padded``: each one's padded length), each packed
+    into rows of its last text's padded length, that cover them at the least estimated cost
+    (``packing_cost``). Runs end where the padded length changes: dynamic programming over those ends."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ends = [end for end in range(1, len(padded) + 1) if end == len(padded) or padded[end] != padded[end - 1]]
+    tokens = np.concatenate([[0], np.cumsum(lengths)])
+    best, take = {0: 0.0}, {}
+    for end in ends:
+        length = padded[end - 1]
+        above_half = int(np.searchsorted(lengths[:end], length // 2, side="right"))
+        for start in [0, *[e for e in ends if e < end]]:
+            halves = end - max(start, above_half)
+            cost = best[start] + packing_cost(int(tokens[end] - tokens[start]), end - start, halves, length,
+                                              row_counts)
+            if end not in best or cost < best[end]:
+                best[end], take[end] = cost, start
+    runs, end = [], len(padded)
+    while end:
+        runs.append((take[end], end))
+        end = take[end]
+    return runs[::-1]
+
+
+def first_fit_rows(lengths: Sequence[int], length: int, most: int) -> list[list[tuple[int, int]]]:
+    """Texts of ``lengths`` tokens (each at most ``length``) placed in rows of ``length`` tokens holding at
+    most ``most`` texts, the longest first, each in the first row with room: every row's
+    ``(index into lengths, start)`` pairs."""
+    rows: list[list[tuple[int, int]]] = []
+    free: list[int] = []
+    for index in np.argsort(-np.asarray(lengths), kind="stable"):
+        need = int(lengths[index])
+        for row, room in enumerate(free):
+            if room >= need and len(rows[row]) < most:
+                rows[row].append((int(index), length - room))
+                free[row] -= need
+                break
+        else:
+            rows.append([(int(index), 0)])
+            free.append(length - need)
+    return rows

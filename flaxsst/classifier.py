@@ -31,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flaxsst import int8, packed_dot
-from flaxsst.batching import BatchShapes
+from flaxsst.batching import BatchShapes, PackedBatch, slots
 from flaxsst.config import ModelConfig, parse_classifier_dtype
 from flaxsst.errors import ConfigError
 from flaxsst.metrics import softmax
@@ -88,7 +88,8 @@ class Classifier:
     backend's), or ``lengths`` lists the padded lengths (``flaxsst.batching.serving_lengths``: a server's);
     ``concurrent_batches``, how many run at once (default: ``CPU_CONCURRENT_BATCHES`` on a CPU, 1
     elsewhere). ``build_kernel=False`` uses the packed-dot kernel only if it is built already
-    (``flaxsst.packed_dot``). ``warm_up`` readies every program ahead of the first call; otherwise
+    (``flaxsst.packed_dot``). ``pack``: several texts share a row (``BatchShapes.pack``; each attends only to
+    its own tokens), so a batch of texts of mixed lengths pads less: a server's batches, drawn at random. ``warm_up`` readies every program ahead of the first call; otherwise
     each compiles on its first use.
     """
 
@@ -105,6 +106,7 @@ class Classifier:
         concurrent_batches: int | None = None,
         dtype: Any = jnp.float32,
         build_kernel: bool = True,
+        pack: bool = False,
     ):
         if not 2 <= max_length <= config.max_position_embeddings:
             raise ConfigError(f"max_length={max_length} must lie in [2, {config.max_position_embeddings}] "
@@ -127,7 +129,13 @@ class Classifier:
         self.params = jax.device_put(params)
         self.precision = precision
         model = DistilBertForSequenceClassification(config, precision)
-        apply = lambda p, ids, mask: model.apply({"params": p}, ids, mask, deterministic=True)  # noqa: E731
+        self.pack = pack
+        if pack:  # (params, input_ids, texts, positions, cls_positions) -> logits [rows, slots, labels]
+            def apply(p, ids, texts, positions, cls_positions):
+                return model.apply({"params": p}, ids, texts, deterministic=True, positions=positions,
+                                   cls_positions=cls_positions)
+        else:
+            apply = lambda p, ids, mask: model.apply({"params": p}, ids, mask, deterministic=True)  # noqa: E731
         self.forward = jax.jit(apply)
         plain = cpu_float32 and not (self.packed_lanes or self.int8_lanes)
         self.small_forward = plain_dot_forward(apply) if plain else None
@@ -140,7 +148,7 @@ class Classifier:
         """This model's folder in the program store (``flaxsst.program_store.program_key``), worked out when
         ``warm_up`` first needs it."""
         return program_key({"config": dataclasses.asdict(self.config), "precision": repr(self.precision),
-                            "plain_small_dots": self.small_forward is not None,
+                            "plain_small_dots": self.small_forward is not None, "packed_rows": self.pack,
                             "params": jax.tree_util.tree_map(lambda x: f"{x.dtype}{x.shape}", self.params)})
 
     @classmethod
@@ -173,14 +181,23 @@ class Classifier:
         out = np.zeros((len(ids), self.config.num_labels), dtype=np.float32)
         if not len(ids):
             return out
-        batches = self.shapes.plan([len(seq) for seq in ids], least_cost=self.all_warm)
+        lengths = [len(seq) for seq in ids]
+        batches = self.shapes.pack(lengths) if self.pack else self.shapes.plan(lengths, least_cost=self.all_warm)
         if progress is None:
             disable = None if len(batches) > 20 else True  # None: tqdm shows the bar only on a terminal
         else:
             disable = not progress
 
         def run(batch):
+            if isinstance(batch, PackedBatch):
+                return self.forward_packed(ids, batch)
             return self.forward_batch([ids[i] for i in batch.indices], batch.rows, batch.length)
+
+        def place(batch, logits):
+            if isinstance(batch, PackedBatch):
+                out[batch.indices] = np.asarray(logits)[batch.row, batch.slot]
+            else:
+                out[batch.indices] = np.asarray(logits)[: len(batch.indices)]
 
         with tqdm(total=len(batches), desc="predict", unit="batch", disable=disable) as bar:
             if self.concurrent_batches > 1 and len(batches) > 1:
@@ -188,14 +205,14 @@ class Classifier:
                 futures = [self._batch_threads.submit(lambda batch=batch: np.asarray(run(batch))) for batch in batches]
                 try:
                     for batch, future in zip(batches, futures):
-                        out[batch.indices] = future.result()[: len(batch.indices)]
+                        place(batch, future.result())
                         bar.update()
                 finally:  # an error or Ctrl-C: the batches not yet started are dropped
                     for future in futures:
                         future.cancel()
             else:  # every batch is queued before the first is fetched
                 for batch, logits in [(batch, run(batch)) for batch in batches]:
-                    out[batch.indices] = np.asarray(logits)[: len(batch.indices)]
+                    place(batch, logits)
                     bar.update()
         return out
 
@@ -209,6 +226,29 @@ class Classifier:
         input_ids, mask = pad_right(ids, rows, length, self.tokenizer.pad_id)
         program = self.programs.get((rows, length)) or self._jitted(rows, length)
         return program(self.params, input_ids, mask)
+
+    def forward_packed(self, ids: Sequence[Sequence[int]], batch: PackedBatch) -> jax.Array:
+        """The texts of ``batch`` (``ids[i]`` for ``i`` in its indices) packed in its rows -> logits
+        ``[rows, slots, num_labels]`` (not yet fetched): logits ``[row[i], slot[i]]`` are input ``indices[i]``'s."""
+        shape = (batch.rows, batch.length)
+        input_ids = np.full(shape, self.tokenizer.pad_id, np.int32)
+        texts, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+        cls_positions = np.zeros((batch.rows, slots(batch.length)), np.int32)
+        for index, row, start, slot in zip(batch.indices, batch.row, batch.start, batch.slot):
+            seq = ids[index]
+            input_ids[row, start : start + len(seq)] = seq
+            texts[row, start : start + len(seq)] = slot + 1
+            positions[row, start : start + len(seq)] = np.arange(len(seq))
+            cls_positions[row, slot] = start
+        program = self.programs.get(shape) or self._jitted(*shape)
+        return program(self.params, input_ids, texts, positions, cls_positions)
+
+    def _program_inputs(self, rows: int, length: int) -> list[jax.ShapeDtypeStruct]:
+        """The shapes of a ``(rows, length)`` program's inputs after the parameters."""
+        batch = jax.ShapeDtypeStruct((rows, length), np.int32)
+        if self.pack:
+            return [batch, batch, batch, jax.ShapeDtypeStruct((rows, slots(length)), np.int32)]
+        return [batch, batch]
 
     def _jitted(self, rows: int, length: int) -> Callable:
         small = self.small_forward is not None and rows * length <= CPU_SMALL_BATCH_TOKENS
@@ -238,8 +278,7 @@ class Classifier:
             if program is None:
                 with lock:
                     self.programs_compiled += 1
-                batch = jax.ShapeDtypeStruct((rows, length), np.int32)
-                program = self._jitted(rows, length).lower(self.params, batch, batch).compile()
+                program = self._jitted(rows, length).lower(self.params, *self._program_inputs(rows, length)).compile()
                 if store is not None:
                     store.save(rows, length, program)
             with lock:
@@ -257,8 +296,12 @@ class Classifier:
         self.all_warm = len(self.programs) == len(self.program_shapes())
         if self.programs and len(self.programs) == total:  # the runtime's first-call set-up, before a request
             rows, length = min(self.programs)
-            ids = pad_right([[self.tokenizer.cls_id, self.tokenizer.sep_id]], rows, length, self.tokenizer.pad_id)
-            self.programs[rows, length](self.params, *ids).block_until_ready()
+            ids = [[self.tokenizer.cls_id, self.tokenizer.sep_id]]
+            if self.pack:
+                self.forward_packed(ids, self.shapes.pack([2])[0]).block_until_ready()
+            else:
+                self.programs[rows, length](self.params, *pad_right(ids, rows, length, self.tokenizer.pad_id)
+                                            ).block_until_ready()
         return total
 
     def predictions(self, logits: np.ndarray) -> list[dict[str, Any]]:

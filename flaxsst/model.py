@@ -210,8 +210,9 @@ class Embeddings(nn.Module):
     precision: Precision = Precision()
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, deterministic: bool) -> jax.Array:
-        """``input_ids [batch, seq]`` -> ``[batch, seq, dim]``."""
+    def __call__(self, input_ids: jax.Array, deterministic: bool, positions: jax.Array | None = None) -> jax.Array:
+        """``input_ids [batch, seq]`` -> ``[batch, seq, dim]``; ``positions [batch, seq]``: each token's position
+        in its own text (several texts packed in a row), default ``0 .. seq-1``."""
         config, dtype = self.config, self.precision.dtype
         init = nn.initializers.normal(config.initializer_range)
         words = nn.Embed(config.vocab_size, config.dim, dtype=dtype, embedding_init=init,
@@ -222,13 +223,15 @@ class Embeddings(nn.Module):
                 f"sequence length {seq_len} exceeds max_position_embeddings="
                 f"{config.max_position_embeddings}; truncate inputs to at most that"
             )
+        if positions is None:
+            positions = jnp.arange(seq_len)[None]
         if config.sinusoidal_pos_embds:
-            positions = jnp.asarray(sinusoidal_position_table(config.max_position_embeddings, config.dim)[:seq_len],
-                                    dtype=dtype)
+            table = jnp.asarray(sinusoidal_position_table(config.max_position_embeddings, config.dim), dtype=dtype)
+            positioned = table[positions]
         else:
-            positions = nn.Embed(config.max_position_embeddings, config.dim, dtype=dtype, embedding_init=init,
-                                 name="position_embeddings")(jnp.arange(seq_len))
-        hidden = _layer_norm(config, self.precision, "LayerNorm")(words + positions[None])
+            positioned = nn.Embed(config.max_position_embeddings, config.dim, dtype=dtype, embedding_init=init,
+                                  name="position_embeddings")(positions)
+        hidden = _layer_norm(config, self.precision, "LayerNorm")(words + positioned)
         return nn.Dropout(config.dropout)(hidden, deterministic=deterministic)
 
 
@@ -252,9 +255,12 @@ class MultiHeadSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
-                 cls_only: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
+                 cls_only: bool = False, dropout_key: jax.Array | None = None,
+                 query_positions: jax.Array | None = None) -> jax.Array:
         """``hidden [batch, seq, dim]``, ``attention_mask [batch, seq]`` (1 = token) -> ``[batch, seq, dim]``;
-        with ``cls_only`` only the first position queries (all positions are keys and values): ``[batch, 1, dim]``.
+        with ``cls_only`` only the first position queries (all positions are keys and values): ``[batch, 1, dim]``,
+        or the positions ``query_positions [batch, slots]`` name: ``[batch, slots, dim]``. A mask of
+        ``[batch, queries, seq]`` says which keys each query sees (texts packed in a row: ``packed_masks``).
         ``dropout_key``: the attention dropout's key (default: flax's, from the module path)."""
         config, precision = self.config, self.precision
         batch = hidden.shape[0]
@@ -263,9 +269,10 @@ class MultiHeadSelfAttention(nn.Module):
         def heads(name: str, rows: jax.Array) -> jax.Array:
             return _dense(config, precision, config.dim, name)(rows).reshape(batch, rows.shape[1], config.n_heads, head_dim)
 
-        query = heads("q_lin", hidden[:, :1] if cls_only else hidden)
+        query = heads("q_lin", query_rows(hidden, query_positions) if cls_only else hidden)
         key, value = heads("k_lin", hidden), heads("v_lin", hidden)
-        if deterministic and not cls_only and _fused_attention_available(config, precision):
+        per_query = attention_mask.ndim == 3
+        if deterministic and not cls_only and not per_query and _fused_attention_available(config, precision):
             # cuDNN's fused kernel never writes the [batch, heads, seq, seq] scores to memory (one
             # query row's scores are small, so cls_only keeps the einsum path the probe covered).
             keep = attention_mask[:, None, None, :].astype(bool)
@@ -283,15 +290,16 @@ class MultiHeadSelfAttention(nn.Module):
                                                                      key.shape[1]))
 
         def einsum_path(query, key, value, attention_mask, dropout_keep):
-            scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-            scores = jnp.where(attention_mask[:, None, None, :].astype(bool), scores, jnp.finfo(jnp.float32).min)
+            keep = (attention_mask[:, None] if per_query else attention_mask[:, None, None, :]).astype(bool)
+            scores = jax.lax.platform_dependent(query, key, keep, cpu=_cpu_scores, default=_scores)
             weights = jax.nn.softmax(scores, axis=-1).astype(precision.dtype)
             if drop_all:
                 weights = jnp.zeros_like(weights)
             if dropout_keep is not None:
                 weights = jax.lax.select(dropout_keep, weights / (1.0 - rate), jnp.zeros_like(weights))
             accumulate = jnp.float32 if _accumulates_in_float32(precision) else None
-            context = jnp.einsum("bhqk,bkhd->bqhd", weights, value, preferred_element_type=accumulate)
+            context = jax.lax.platform_dependent(weights, value, cpu=functools.partial(_cpu_context, accumulate=accumulate),
+                                                 default=functools.partial(_context, accumulate=accumulate))
             return context.astype(precision.dtype).reshape(batch, query.shape[1], config.dim)
 
         def kernel_path(query, key, value, attention_mask, dropout_keep):
@@ -301,12 +309,38 @@ class MultiHeadSelfAttention(nn.Module):
 
         args = (query, key, value, attention_mask, dropout_keep)
         # on a TPU: two kernels per block instead of ~12 (bench/RESULTS.md, kernels per train step)
-        if (precision.attention != "xla" and not cls_only and not drop_all
+        if (precision.attention != "xla" and not cls_only and not drop_all and not per_query
                 and tpu_attention_supported(query.shape[1], key.shape[1], config.dim, precision.dtype)):
             context = _tpu_or_default(args, kernel_path, einsum_path)
         else:
             context = einsum_path(*args)
         return _dense(config, precision, config.dim, "out_lin")(context)
+
+
+def _scores(query: jax.Array, key: jax.Array, keep: jax.Array) -> jax.Array:
+    """float32 scores ``[batch, heads, queries, keys]`` of ``query [batch, queries, heads, d]`` and ``key``, the
+    lowest float32 where ``keep`` (broadcast to the scores) is false: as transformers masks them."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    return jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+
+
+def _cpu_scores(query: jax.Array, key: jax.Array, keep: jax.Array) -> jax.Array:
+    """``_scores`` as XLA:CPU runs it fastest: a matmul of heads-major operands plus a mask of 0 or -1e30
+    (the same softmax: a masked score's exponential is 0 either way), 2-2.5x the speed of the einsum and
+    its select at 32-128 tokens (bench/RESULTS.md, 2026-12-07)."""
+    scores = jnp.matmul(query.transpose(0, 2, 1, 3), key.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
+    return scores + jnp.where(keep, 0.0, -1e30).astype(jnp.float32)
+
+
+def _context(weights: jax.Array, value: jax.Array, accumulate: Any) -> jax.Array:
+    """``weights [batch, heads, queries, keys]`` applied to ``value [batch, keys, heads, d]``: ``[batch, queries,
+    heads, d]``."""
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value, preferred_element_type=accumulate)
+
+
+def _cpu_context(weights: jax.Array, value: jax.Array, accumulate: Any) -> jax.Array:
+    """``_context`` as a matmul of heads-major operands (``_cpu_scores``)."""
+    return jnp.matmul(weights, value.transpose(0, 2, 1, 3), preferred_element_type=accumulate).transpose(0, 2, 1, 3)
 
 
 class FFN(nn.Module):
@@ -328,15 +362,17 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
-                 cls_only: bool = False, dropout_keys: jax.Array | None = None) -> jax.Array:
+                 cls_only: bool = False, dropout_keys: jax.Array | None = None,
+                 query_positions: jax.Array | None = None) -> jax.Array:
         """``dropout_keys [2, ...]``: the attention and the FFN dropout's keys (default: flax's, from
-        the module path; a caller that runs the block outside its usual place passes them)."""
+        the module path; a caller that runs the block outside its usual place passes them).
+        ``query_positions``: with ``cls_only``, the positions that query (default: the first)."""
         config, precision = self.config, self.precision
         keys = (None, None) if dropout_keys is None else (dropout_keys[0], dropout_keys[1])
         attended = MultiHeadSelfAttention(config, precision, name="attention")(hidden, attention_mask, deterministic,
-                                                                               cls_only, keys[0])
+                                                                               cls_only, keys[0], query_positions)
         if cls_only:
-            hidden = hidden[:, :1]
+            hidden = query_rows(hidden, query_positions)
         hidden = _layer_norm(config, precision, "sa_layer_norm")(attended + hidden)
         transformed = FFN(config, precision, name="ffn")(hidden, deterministic, keys[1])
         return _layer_norm(config, precision, "output_layer_norm")(transformed + hidden)
@@ -350,11 +386,13 @@ class TransformerLayers(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
-                 cls_only: bool = False) -> jax.Array:
+                 cls_only: bool = False, packed: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """``packed``: the last block's mask and query positions (``packed_masks``), for texts packed in rows."""
         last = self.config.n_layers - 1
         for index in range(self.config.n_layers):
+            mask, queries = packed if packed is not None and index == last else (attention_mask, None)
             hidden = TransformerBlock(self.config, self.precision, name=str(index))(
-                hidden, attention_mask, deterministic, cls_only and index == last)
+                hidden, mask, deterministic, cls_only and index == last, query_positions=queries)
         return hidden
 
 
@@ -364,9 +402,9 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, deterministic: bool,
-                 cls_only: bool = False) -> jax.Array:
+                 cls_only: bool = False, packed: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         return TransformerLayers(self.config, self.precision, name="layer")(hidden, attention_mask, deterministic,
-                                                                            cls_only)
+                                                                            cls_only, packed)
 
 
 class DistilBertModel(nn.Module):
@@ -376,6 +414,11 @@ class DistilBertModel(nn.Module):
     last block then queries from that position alone (every position is still a key and value), so
     its attention, output projection and FFN skip the other positions' rows: the same [CLS] state
     for ~1/n_layers less work (14% of DistilBERT-base's matmul FLOPs at 128 tokens).
+
+    Several texts packed in a row: ``attention_mask`` holds each token's text number in its row (1, 2, ...;
+    0 = padding), ``positions`` each token's position in its text, ``cls_positions [batch, slots]`` where each
+    text starts (``cls_only`` then returns ``[batch, slots, dim]``). A token sees only its own text's tokens,
+    so each text's states are those it has alone in a row (``packed_masks``).
     """
 
     config: ModelConfig
@@ -388,12 +431,34 @@ class DistilBertModel(nn.Module):
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
         cls_only: bool = False,
+        positions: jax.Array | None = None,
+        cls_positions: jax.Array | None = None,
     ) -> jax.Array:
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        hidden = Embeddings(self.config, self.precision, name="embeddings")(input_ids, deterministic)
+        packed = None
+        if cls_positions is not None:
+            attention_mask, last_mask = packed_masks(attention_mask, cls_positions)
+            packed = (last_mask, cls_positions)
+        hidden = Embeddings(self.config, self.precision, name="embeddings")(input_ids, deterministic, positions)
         return Transformer(self.config, self.precision, name="transformer")(hidden, attention_mask, deterministic,
-                                                                            cls_only)
+                                                                            cls_only, packed)
+
+
+def query_rows(hidden: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """The rows of ``hidden [batch, seq, dim]`` at ``positions [batch, slots]`` (default: the first)."""
+    if positions is None:
+        return hidden[:, :1]
+    return jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
+
+
+def packed_masks(texts: jax.Array, cls_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For rows of packed texts, ``texts [batch, seq]`` (each token's text number, 0 = padding) and where
+    each text starts, ``cls_positions [batch, slots]``: which keys each token sees, ``[batch, seq, seq]``,
+    and which keys each text's first token sees, ``[batch, slots, seq]``: the tokens of its own text."""
+    real = texts[:, None, :] > 0
+    first = jnp.take_along_axis(texts, cls_positions, axis=1)
+    return (texts[:, :, None] == texts[:, None, :]) & real, (first[:, :, None] == texts[:, None, :]) & real
 
 
 class DistilBertForSequenceClassification(nn.Module):
@@ -414,10 +479,15 @@ class DistilBertForSequenceClassification(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
+        positions: jax.Array | None = None,
+        cls_positions: jax.Array | None = None,
     ) -> jax.Array:
-        hidden = DistilBertModel(self.config, self.precision, name="distilbert")(input_ids, attention_mask,
-                                                                                 deterministic, cls_only=True)
-        return classification_head(self.config, self.precision, hidden[:, 0], deterministic)
+        """Texts packed in rows (``DistilBertModel``'s ``positions`` and ``cls_positions``): logits
+        ``[batch, slots, num_labels]``, one per text start."""
+        hidden = DistilBertModel(self.config, self.precision, name="distilbert")(
+            input_ids, attention_mask, deterministic, cls_only=True, positions=positions, cls_positions=cls_positions)
+        return classification_head(self.config, self.precision, hidden if cls_positions is not None else hidden[:, 0],
+                                   deterministic)
 
 
 def classification_head(config: ModelConfig, precision: Precision, cls_vector: jax.Array,

@@ -116,6 +116,31 @@ def test_concurrent_batches_give_each_text_its_own_logits_in_input_order(tiny_mo
     assert most[0] == 3
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_texts_packed_several_to_a_row_each_get_the_logits_they_get_alone(tiny_model_dir, dtype):
+    rng = np.random.default_rng(2)
+    words = ["good", "bad", "film", "the", "plot", "was", "not"]
+    texts = [" ".join(rng.choice(words, int(rng.integers(0, 40)))) for _ in range(60)] + ["", "good"]
+    model = transformers.DistilBertForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        expected = np.concatenate([model(**tok([t], truncation=True, max_length=48, return_tensors="pt")).logits.numpy()
+                                   for t in texts])
+    shapes = {"dtype": dtype, "batch_size": 8, "lengths": [8, 16, 24, 32, 48], "max_length": 48}
+    alone = Classifier.from_pretrained(tiny_model_dir, **shapes)
+    clf = Classifier.from_pretrained(tiny_model_dir, pack=True, **shapes)
+    batches = clf.shapes.pack([len(ids) for ids in clf.encode(texts)])
+    assert max(np.bincount(b.row).max() for b in batches) >= 3  # rows hold several texts
+    got = clf.logits(texts)
+    np.testing.assert_allclose(got, alone.logits(texts), atol=1e-5, rtol=0)
+    if dtype == "float32" or not clf.int8_lanes:
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert clf.warm_up() == len(clf.program_shapes())
+    before = compiled(clf)
+    np.testing.assert_allclose(clf.logits(texts[::-1]), got[::-1], atol=1e-5, rtol=0)
+    assert compiled(clf) == before
+
+
 def test_an_error_in_one_batch_is_raised_and_the_batches_not_started_are_dropped(tiny_model_dir):
     clf = Classifier.from_pretrained(tiny_model_dir, batch_size=1, concurrent_batches=2)
     calls = []

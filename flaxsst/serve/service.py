@@ -46,7 +46,8 @@ def load_classifier(model: str, *, dtype: str = "float32", batch_size: int | Non
                     length_step: int | None = None, key: str = "--model", build_kernel: bool = False):
     """The ``Classifier`` a server runs: the backend's serving lengths (``flaxsst.batching.serving_lengths``:
     fewer programs to hold and warm) unless ``length_step`` sets them, and the packed-dot kernel only
-    where it is built already (``build_kernel``: the prepare step builds it). On a GPU the process takes
+    where it is built already (``build_kernel``: the prepare step builds it). On a CPU several texts share a
+    row (``Classifier``'s ``pack``): a server's batches are texts of every length at once. On a GPU the process takes
     device memory as it needs it, not JAX's default 75% of the card up front, so replicas can share a
     card; ``XLA_PYTHON_CLIENT_PREALLOCATE`` or ``XLA_PYTHON_CLIENT_MEM_FRACTION`` set by the user win."""
     if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:  # read when the backend starts, below
@@ -58,7 +59,8 @@ def load_classifier(model: str, *, dtype: str = "float32", batch_size: int | Non
 
     lengths = None if length_step else serving_lengths(jax.default_backend(), max_length)
     return Classifier.from_pretrained(model, dtype=dtype, batch_size=batch_size, max_length=max_length,
-                                      length_step=length_step, lengths=lengths, build_kernel=build_kernel, key=key)
+                                      length_step=length_step, lengths=lengths, build_kernel=build_kernel, key=key,
+                                      pack=jax.default_backend() == "cpu")
 
 
 class Rejected(Exception):
