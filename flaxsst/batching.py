@@ -35,6 +35,9 @@ ACCELERATOR_SMALLEST_LENGTH = 16
 # length (attention), within 11% of each measured shape.
 CPU_CALL_TOKENS = 24.0
 CPU_ATTENTION_PER_LENGTH = 0.0005
+# int8's dense layers take a quarter of float32's time, its attention the same: 1.7 ms a call + 0.076 ms a
+# token + 0.00025 ms a token per token of length (bench/RESULTS.md, 2026-12-07).
+CPU_INT8_ATTENTION_PER_LENGTH = 0.003
 # A packed row of ``length`` tokens holds at most ``length // PACKED_TOKENS_PER_SLOT`` texts: the last block
 # runs one query row per slot, used or not.
 PACKED_TOKENS_PER_SLOT = 8
@@ -118,6 +121,7 @@ class BatchShapes:
     batch_size: int
     lengths: tuple[int, ...]
     split_rows: bool
+    attention_per_length: float = CPU_ATTENTION_PER_LENGTH  # the cost model's (int8: CPU_INT8_ATTENTION_PER_LENGTH)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -174,7 +178,7 @@ class BatchShapes:
         if self.split_rows and least_cost:
             padded = [self.padded_length(int(length)) for length in lengths[order]]
             return [Batch(order[start:end], end - start, padded[end - 1])
-                    for start, end in least_cost_cuts(padded, self.row_counts())]
+                    for start, end in least_cost_cuts(padded, self.row_counts(), self.attention_per_length)]
         batches = []
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
@@ -191,7 +195,7 @@ class BatchShapes:
         order = np.argsort(lengths, kind="stable")
         padded = [self.padded_length(int(length)) for length in lengths[order]]
         batches = []
-        for start, end in packing_groups(lengths[order], padded, self.row_counts()):
+        for start, end in packing_groups(lengths[order], padded, self.row_counts(), self.attention_per_length):
             length = padded[end - 1]
             rows = first_fit_rows(lengths[order[start:end]], length, slots(length))
             counts = self.row_counts()
@@ -218,14 +222,15 @@ class BatchShapes:
         return parts
 
 
-def least_cost_cuts(padded: Sequence[int], row_counts: Sequence[int]) -> list[tuple[int, int]]:
+def least_cost_cuts(padded: Sequence[int], row_counts: Sequence[int],
+                    attention_per_length: float = CPU_ATTENTION_PER_LENGTH) -> list[tuple[int, int]]:
     """``(start, end)`` runs of the ascending ``padded`` lengths, each of one of ``row_counts`` texts, that
-    cover them at the least cost: a run costs its rows x its last length x (1 + ``CPU_ATTENTION_PER_LENGTH`` x
+    cover them at the least cost: a run costs its rows x its last length x (1 + ``attention_per_length`` x
     that length), plus ``CPU_CALL_TOKENS``. Dynamic programming over the run ends, O(len x row counts)."""
     best, take = [0.0] + [float("inf")] * len(padded), [0] * (len(padded) + 1)
     for end in range(1, len(padded) + 1):
         length = padded[end - 1]
-        per_row = length * (1 + CPU_ATTENTION_PER_LENGTH * length)
+        per_row = length * (1 + attention_per_length * length)
         for rows in row_counts:
             if rows > end:
                 break
@@ -239,17 +244,19 @@ def least_cost_cuts(padded: Sequence[int], row_counts: Sequence[int]) -> list[tu
     return cuts[::-1]
 
 
-def packing_cost(tokens: int, count: int, longest_halves: int, length: int, row_counts: Sequence[int]) -> float:
+def packing_cost(tokens: int, count: int, longest_halves: int, length: int, row_counts: Sequence[int],
+                 attention_per_length: float = CPU_ATTENTION_PER_LENGTH) -> float:
     """The estimated cost (``least_cost_cuts``' units) of packing ``count`` texts of ``tokens`` in all, of
     which ``longest_halves`` are longer than half of ``length``, into rows of ``length`` tokens."""
     rows = max(-(-tokens // length), longest_halves, -(-count // slots(length)))
     calls, left = 0, rows
     for size in sorted(row_counts, reverse=True):
         calls, left = calls + left // size, left % size
-    return rows * length * (1 + CPU_ATTENTION_PER_LENGTH * length) + calls * CPU_CALL_TOKENS
+    return rows * length * (1 + attention_per_length * length) + calls * CPU_CALL_TOKENS
 
 
-def packing_groups(lengths: Sequence[int], padded: Sequence[int], row_counts: Sequence[int]) -> list[tuple[int, int]]:
+def packing_groups(lengths: Sequence[int], padded: Sequence[int], row_counts: Sequence[int],
+                   attention_per_length: float = CPU_ATTENTION_PER_LENGTH) -> list[tuple[int, int]]:
     """``(start, end)`` runs of the ascending ``lengths`` (``padded``: each one's padded length), each packed
     into rows of its last text's padded length, that cover them at the least estimated cost
     (``packing_cost``). Runs end where the padded length changes: dynamic programming over those ends."""
@@ -263,7 +270,7 @@ def packing_groups(lengths: Sequence[int], padded: Sequence[int], row_counts: Se
         for start in [0, *[e for e in ends if e < end]]:
             halves = end - max(start, above_half)
             cost = best[start] + packing_cost(int(tokens[end] - tokens[start]), end - start, halves, length,
-                                              row_counts)
+                                              row_counts, attention_per_length)
             if end not in best or cost < best[end]:
                 best[end], take[end] = cost, start
     runs, end = [], len(padded)

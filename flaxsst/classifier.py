@@ -31,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flaxsst import int8, packed_dot
-from flaxsst.batching import BatchShapes, PackedBatch, slots
+from flaxsst.batching import CPU_INT8_ATTENTION_PER_LENGTH, BatchShapes, PackedBatch, slots
 from flaxsst.config import ModelConfig, parse_classifier_dtype
 from flaxsst.errors import ConfigError
 from flaxsst.metrics import softmax
@@ -125,6 +125,8 @@ class Classifier:
         self.max_length = max_length
         precision, params = cpu_dense_layers(dtype, params, backend, build_kernel)
         self.packed_lanes, self.int8_lanes = precision.packed_lanes, precision.int8_lanes
+        if self.int8_lanes:  # the batches' cost model: int8's dense layers are cheaper, its attention is not
+            self.shapes = dataclasses.replace(self.shapes, attention_per_length=CPU_INT8_ATTENTION_PER_LENGTH)
         cpu_float32 = backend == "cpu" and precision.dtype == jnp.float32
         self.params = jax.device_put(params)
         self.precision = precision

@@ -132,7 +132,8 @@ def test_texts_packed_several_to_a_row_each_get_the_logits_they_get_alone(tiny_m
     batches = clf.shapes.pack([len(ids) for ids in clf.encode(texts)])
     assert max(np.bincount(b.row).max() for b in batches) >= 3  # rows hold several texts
     got = clf.logits(texts)
-    np.testing.assert_allclose(got, alone.logits(texts), atol=1e-5, rtol=0)
+    # int8 rounds each row's activations to levels: a float32 rounding apart can move one by a level
+    np.testing.assert_allclose(got, alone.logits(texts), atol=1e-3 if clf.int8_lanes else 1e-5, rtol=0)
     if dtype == "float32" or not clf.int8_lanes:
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     assert clf.warm_up() == len(clf.program_shapes())
