@@ -8,7 +8,9 @@ Inputs are sorted by length, cut into batches, and each batch is padded to one o
 set of shapes close to what it needs (``flaxsst.batching``: on a CPU 24 texts padded by less than
 1/8 of the longest's length, with no padding rows), so repeated calls reuse compiled programs. On
 a CPU two batches run at once (``CPU_CONCURRENT_BATCHES``), float32 dense layers run
-``flaxsst.packed_dot``, and with ``dtype="int8"`` the int8 products of ``flaxsst.int8``. Results come back in input order.
+``flaxsst.packed_dot``, and with ``dtype="int8"`` the int8 products of ``flaxsst.int8``. With ``pack=True``
+several texts share a row (``flaxsst.batching.BatchShapes.pack``), as a server's batches of texts in random
+order want. Results come back in input order.
 
 The inference core: the predict command line (``flaxsst.predict``), the server (``flaxsst.serve``),
 the bias probe and the benches all call it.
