@@ -92,6 +92,10 @@ class Batch:
     rows: int
     length: int
 
+    def take(self, logits: np.ndarray) -> np.ndarray:
+        """The logits of ``indices``, in their order, from the batch's ``[rows, labels]``."""
+        return logits[: len(self.indices)]
+
 
 @dataclasses.dataclass(frozen=True)
 class PackedBatch:
@@ -104,6 +108,26 @@ class PackedBatch:
     row: np.ndarray
     start: np.ndarray
     slot: np.ndarray
+
+    def take(self, logits: np.ndarray) -> np.ndarray:
+        """The logits of ``indices``, in their order, from the batch's ``[rows, slots, labels]``."""
+        return logits[self.row, self.slot]
+
+    def arrays(self, ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, ...]:
+        """The model's inputs for texts of token ``ids`` (``ids[i]`` for each of ``indices``): ``input_ids``,
+        each token's text number in its row (0: padding), its position in its text ``[rows, length]``, and
+        where each row's texts start ``[rows, slots]``."""
+        shape = (self.rows, self.length)
+        input_ids = np.full(shape, pad_id, np.int32)
+        texts, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+        cls_positions = np.zeros((self.rows, slots(self.length)), np.int32)
+        for index, row, start, slot in zip(self.indices, self.row, self.start, self.slot):
+            seq = ids[index]
+            input_ids[row, start : start + len(seq)] = seq
+            texts[row, start : start + len(seq)] = slot + 1
+            positions[row, start : start + len(seq)] = np.arange(len(seq))
+            cls_positions[row, slot] = start
+        return input_ids, texts, positions, cls_positions
 
 
 def slots(length: int) -> int:

@@ -197,26 +197,20 @@ class Classifier:
                 return self.forward_packed(ids, batch)
             return self.forward_batch([ids[i] for i in batch.indices], batch.rows, batch.length)
 
-        def place(batch, logits):
-            if isinstance(batch, PackedBatch):
-                out[batch.indices] = np.asarray(logits)[batch.row, batch.slot]
-            else:
-                out[batch.indices] = np.asarray(logits)[: len(batch.indices)]
-
         with tqdm(total=len(batches), desc="predict", unit="batch", disable=disable) as bar:
             if self.concurrent_batches > 1 and len(batches) > 1:
                 # each thread waits for its own batch, so the next starts as soon as one ends
                 futures = [self._batch_threads.submit(lambda batch=batch: np.asarray(run(batch))) for batch in batches]
                 try:
                     for batch, future in zip(batches, futures):
-                        place(batch, future.result())
+                        out[batch.indices] = batch.take(future.result())
                         bar.update()
                 finally:  # an error or Ctrl-C: the batches not yet started are dropped
                     for future in futures:
                         future.cancel()
             else:  # every batch is queued before the first is fetched
                 for batch, logits in [(batch, run(batch)) for batch in batches]:
-                    place(batch, logits)
+                    out[batch.indices] = batch.take(np.asarray(logits))
                     bar.update()
         return out
 
@@ -234,18 +228,8 @@ class Classifier:
     def forward_packed(self, ids: Sequence[Sequence[int]], batch: PackedBatch) -> jax.Array:
         """The texts of ``batch`` (``ids[i]`` for ``i`` in its indices) packed in its rows -> logits
         ``[rows, slots, num_labels]`` (not yet fetched): logits ``[row[i], slot[i]]`` are input ``indices[i]``'s."""
-        shape = (batch.rows, batch.length)
-        input_ids = np.full(shape, self.tokenizer.pad_id, np.int32)
-        texts, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-        cls_positions = np.zeros((batch.rows, slots(batch.length)), np.int32)
-        for index, row, start, slot in zip(batch.indices, batch.row, batch.start, batch.slot):
-            seq = ids[index]
-            input_ids[row, start : start + len(seq)] = seq
-            texts[row, start : start + len(seq)] = slot + 1
-            positions[row, start : start + len(seq)] = np.arange(len(seq))
-            cls_positions[row, slot] = start
-        program = self.programs.get(shape) or self._jitted(*shape)
-        return program(self.params, input_ids, texts, positions, cls_positions)
+        program = self.programs.get((batch.rows, batch.length)) or self._jitted(batch.rows, batch.length)
+        return program(self.params, *batch.arrays(ids, self.tokenizer.pad_id))
 
     def _program_inputs(self, rows: int, length: int) -> list[jax.ShapeDtypeStruct]:
         """The shapes of a ``(rows, length)`` program's inputs after the parameters."""
@@ -268,45 +252,7 @@ class Classifier:
         the ones it lacks (``threads`` at once, default one per core) and store them, so no later call
         compiles; ``on_program(done, total)`` after each; no program starts once ``should_stop()``. Returns
         how many there are (``programs_compiled``: how many of them were compiled, not loaded)."""
-        shapes = [shape for shape in self.program_shapes() if shape not in self.programs]
-        store = ProgramStore(self.store_key) if store_enabled() else None
-        done, total, lock = len(self.programs), len(self.programs) + len(shapes), threading.Lock()
-        self.programs_compiled = 0
-
-        def ready(shape: tuple[int, int]) -> None:
-            nonlocal done
-            if should_stop is not None and should_stop():  # a stopped process exits in seconds
-                return
-            rows, length = shape
-            program = store.load(rows, length) if store is not None else None
-            if program is None:
-                with lock:
-                    self.programs_compiled += 1
-                program = self._jitted(rows, length).lower(self.params, *self._program_inputs(rows, length)).compile()
-                if store is not None:
-                    store.save(rows, length, program)
-            with lock:
-                self.programs[shape] = program
-                done += 1
-                if on_program is not None:
-                    on_program(done, total)
-
-        if shapes:  # XLA compiles and loads outside the GIL: one program per core at once
-            with (without_compilation_cache() if store is not None else contextlib.nullcontext()), \
-                    concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1,
-                                                          thread_name_prefix="flaxsst-compile") as pool:
-                for future in [pool.submit(ready, shape) for shape in shapes]:
-                    future.result()
-        self.all_warm = len(self.programs) == len(self.program_shapes())
-        if self.programs and len(self.programs) == total:  # the runtime's first-call set-up, before a request
-            rows, length = min(self.programs)
-            ids = [[self.tokenizer.cls_id, self.tokenizer.sep_id]]
-            if self.pack:
-                self.forward_packed(ids, self.shapes.pack([2])[0]).block_until_ready()
-            else:
-                self.programs[rows, length](self.params, *pad_right(ids, rows, length, self.tokenizer.pad_id)
-                                            ).block_until_ready()
-        return total
+        return warm_programs(self, on_program, threads, should_stop)
 
     def predictions(self, logits: np.ndarray) -> list[dict[str, Any]]:
         """``[{"label": ..., "score": ...}, ...]`` of each row of ``logits``: the best label and its softmax."""
@@ -320,6 +266,51 @@ class Classifier:
     def __call__(self, texts: Sequence[str] | str, progress: bool | None = None) -> list[dict[str, Any]]:
         """``[{"label": "POSITIVE", "score": 0.9998}, ...]``, one per text, in input order."""
         return self.predictions(self.logits(texts, progress))
+
+
+def warm_programs(clf: Classifier, on_program: Callable[[int, int], None] | None, threads: int | None,
+                  should_stop: Callable[[], bool] | None) -> int:
+    """``Classifier.warm_up``: every program of ``clf`` loaded from the store or compiled (and stored), each
+    into ``clf.programs``; then one call, the runtime's first-call set-up, before a request."""
+    shapes = [shape for shape in clf.program_shapes() if shape not in clf.programs]
+    store = ProgramStore(clf.store_key) if store_enabled() else None
+    done, total, lock = len(clf.programs), len(clf.programs) + len(shapes), threading.Lock()
+    clf.programs_compiled = 0
+
+    def ready(shape: tuple[int, int]) -> None:
+        nonlocal done
+        if should_stop is not None and should_stop():  # a stopped process exits in seconds
+            return
+        rows, length = shape
+        program = store.load(rows, length) if store is not None else None
+        if program is None:
+            with lock:
+                clf.programs_compiled += 1
+            program = clf._jitted(rows, length).lower(clf.params, *clf._program_inputs(rows, length)).compile()
+            if store is not None:
+                store.save(rows, length, program)
+        with lock:
+            clf.programs[shape] = program
+            done += 1
+            if on_program is not None:
+                on_program(done, total)
+
+    if shapes:  # XLA compiles and loads outside the GIL: one program per core at once
+        with (without_compilation_cache() if store is not None else contextlib.nullcontext()), \
+                concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1,
+                                                      thread_name_prefix="flaxsst-compile") as pool:
+            for future in [pool.submit(ready, shape) for shape in shapes]:
+                future.result()
+    clf.all_warm = len(clf.programs) == len(clf.program_shapes())
+    if clf.programs and len(clf.programs) == total:  # the runtime's first-call set-up, before a request
+        rows, length = min(clf.programs)
+        ids = [[clf.tokenizer.cls_id, clf.tokenizer.sep_id]]
+        if clf.pack:
+            clf.forward_packed(ids, clf.shapes.pack([2])[0]).block_until_ready()
+        else:
+            clf.programs[rows, length](clf.params, *pad_right(ids, rows, length, clf.tokenizer.pad_id)
+                                       ).block_until_ready()
+    return total
 
 
 @contextlib.contextmanager
