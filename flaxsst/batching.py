@@ -218,13 +218,11 @@ class BatchShapes:
         lengths = np.asarray(lengths, dtype=np.int64)
         order = np.argsort(lengths, kind="stable")
         padded = [self.padded_length(int(length)) for length in lengths[order]]
-        batches = []
-        for start, end in packing_groups(lengths[order], padded, self.row_counts(), self.attention_per_length):
+        batches, counts = [], self.row_counts()
+        for start, end in packing_groups(lengths[order], padded, counts, self.attention_per_length):
             length = padded[end - 1]
             rows = first_fit_rows(lengths[order[start:end]], length, slots(length))
-            counts = self.row_counts()
-            while rows:
-                count = max(c for c in counts if c <= len(rows))
+            for count in largest_first(len(rows), counts):
                 part, rows = rows[:count], rows[count:]
                 texts = [(index, row, offset, slot) for row, placed in enumerate(part)
                          for slot, (index, offset) in enumerate(placed)]
@@ -238,12 +236,16 @@ class BatchShapes:
             return [(count, count)]
         if not self.split_rows:
             return [(count, min(1 << (count - 1).bit_length(), self.batch_size))]
-        parts = []
-        while count:
-            rows = 1 << (count.bit_length() - 1)
-            parts.append((rows, rows))
-            count -= rows
-        return parts
+        return [(rows, rows) for rows in largest_first(count, self.row_counts())]
+
+
+def largest_first(count: int, sizes: Sequence[int]) -> list[int]:
+    """``count`` cut into parts of ``sizes`` (one of them 1), each the largest that fits what is left."""
+    parts = []
+    for size in sorted(sizes, reverse=True):
+        parts += [size] * (count // size)
+        count %= size
+    return parts
 
 
 def least_cost_cuts(padded: Sequence[int], row_counts: Sequence[int],
@@ -273,9 +275,7 @@ def packing_cost(tokens: int, count: int, longest_halves: int, length: int, row_
     """The estimated cost (``least_cost_cuts``' units) of packing ``count`` texts of ``tokens`` in all, of
     which ``longest_halves`` are longer than half of ``length``, into rows of ``length`` tokens."""
     rows = max(-(-tokens // length), longest_halves, -(-count // slots(length)))
-    calls, left = 0, rows
-    for size in sorted(row_counts, reverse=True):
-        calls, left = calls + left // size, left % size
+    calls = len(largest_first(rows, row_counts))
     return rows * length * (1 + attention_per_length * length) + calls * CPU_CALL_TOKENS
 
 

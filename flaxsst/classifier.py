@@ -91,8 +91,8 @@ class Classifier:
     ``concurrent_batches``, how many run at once (default: ``CPU_CONCURRENT_BATCHES`` on a CPU, 1
     elsewhere). ``build_kernel=False`` uses the packed-dot kernel only if it is built already
     (``flaxsst.packed_dot``). ``pack``: several texts share a row (``BatchShapes.pack``; each attends only to
-    its own tokens), so a batch of texts of mixed lengths pads less: a server's batches, drawn at random. ``warm_up`` readies every program ahead of the first call; otherwise
-    each compiles on its first use.
+    its own tokens), so a batch of texts of mixed lengths pads less: a server's batches, drawn at random.
+    ``warm_up`` readies every program ahead of the first call; otherwise each compiles on its first use.
     """
 
     def __init__(
@@ -303,13 +303,11 @@ def warm_programs(clf: Classifier, on_program: Callable[[int, int], None] | None
                 future.result()
     clf.all_warm = len(clf.programs) == len(clf.program_shapes())
     if clf.programs and len(clf.programs) == total:  # the runtime's first-call set-up, before a request
-        rows, length = min(clf.programs)
         ids = [[clf.tokenizer.cls_id, clf.tokenizer.sep_id]]
         if clf.pack:
             clf.forward_packed(ids, clf.shapes.pack([2])[0]).block_until_ready()
         else:
-            clf.programs[rows, length](clf.params, *pad_right(ids, rows, length, clf.tokenizer.pad_id)
-                                       ).block_until_ready()
+            clf.forward_batch(ids, *min(clf.programs)).block_until_ready()
     return total
 
 

@@ -298,7 +298,8 @@ class MultiHeadSelfAttention(nn.Module):
             if dropout_keep is not None:
                 weights = jax.lax.select(dropout_keep, weights / (1.0 - rate), jnp.zeros_like(weights))
             accumulate = jnp.float32 if _accumulates_in_float32(precision) else None
-            context = jax.lax.platform_dependent(weights, value, cpu=functools.partial(_cpu_context, accumulate=accumulate),
+            context = jax.lax.platform_dependent(weights, value,
+                                                 cpu=functools.partial(_cpu_context, accumulate=accumulate),
                                                  default=functools.partial(_context, accumulate=accumulate))
             return context.astype(precision.dtype).reshape(batch, query.shape[1], config.dim)
 
