@@ -327,9 +327,11 @@ extern "C" int flaxsst_int8_dot_amx() {
 #if defined(__AVX512F__)
 static inline Vec VMin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
 static inline Vec VMax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
-// kLanes values of x as clamp(rint(x / s) + z, 0, levels), stored as bytes
-static inline void Levels(const float* x, float s, int32_t z, uint8_t* q) {
-  __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x), _mm512_set1_ps(s))),
+// kLanes values of x as clamp(rint(x * inverse) + z, 0, levels), stored as bytes (inverse = 1 / scale: a
+// product instead of a division per value)
+constexpr int kLevelsBlock = 16;  // values Levels quantizes at once
+static inline void Levels(const float* x, float inverse, int32_t z, uint8_t* q) {
+  __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(inverse))),
                                _mm512_set1_epi32(z));
   v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_setzero_si512()), _mm512_set1_epi32(kLevels));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(v));
@@ -337,18 +339,23 @@ static inline void Levels(const float* x, float s, int32_t z, uint8_t* q) {
 #else
 static inline Vec VMin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
 static inline Vec VMax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
-static inline void Levels(const float* x, float s, int32_t z, uint8_t* q) {
-  __m256i v = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x), _mm256_set1_ps(s))),
-                               _mm256_set1_epi32(z));
-  v = _mm256_min_epi32(_mm256_max_epi32(v, _mm256_setzero_si256()), _mm256_set1_epi32(kLevels));
-  alignas(32) int32_t levels[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(levels), v);
-  for (int j = 0; j < 8; ++j) q[j] = static_cast<uint8_t>(levels[j]);
+// 32 values at once: AVX2 has no int32 -> int8 store, so four vectors narrow together by saturating packs (which
+// clamp below 0 and above 255) and one dword permutation puts the 128-bit lanes' bytes back in order
+constexpr int kLevelsBlock = 32;
+static inline void Levels(const float* x, float inverse, int32_t z, uint8_t* q) {
+  const __m256 scale = _mm256_set1_ps(inverse);
+  const __m256i zero = _mm256_set1_epi32(z);
+  __m256i v[4];
+  for (int i = 0; i < 4; ++i)
+    v[i] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), scale)), zero);
+  __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+  bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_min_epu8(bytes, _mm256_set1_epi8(static_cast<char>(kLevels))));
 }
 #endif
 
 // One row of x to unsigned levels: scale (hi - lo) / levels over [lo, hi] holding the row and 0, and the zero
-// point the level of 0.0; q = clamp(rint(x / scale) + zero, 0, levels).
+// point the level of 0.0; q = clamp(rint(x * (1 / scale)) + zero, 0, levels), 1 / scale rounded to float32.
 static void QuantizeRow(const float* x, int64_t k_dim, uint8_t* q, float* scale, int32_t* zero) {
   int64_t k = 0;
   float lo = 0.0f, hi = 0.0f;
@@ -374,10 +381,11 @@ static void QuantizeRow(const float* x, int64_t k_dim, uint8_t* q, float* scale,
   float s = (hi - lo) / static_cast<float>(kLevels);
   if (!(s > 0.0f)) s = 1.0f;
   int32_t z = std::min<int32_t>(kLevels, std::max<int32_t>(0, static_cast<int32_t>(std::nearbyint(-lo / s))));
+  const float inverse = 1.0f / s;
   k = 0;
-  for (; k + kLanes <= k_dim; k += kLanes) Levels(x + k, s, z, q + k);  // vcvtps2dq rounds to even, as nearbyint
+  for (; k + kLevelsBlock <= k_dim; k += kLevelsBlock) Levels(x + k, inverse, z, q + k);  // vcvtps2dq rounds to even, as nearbyint
   for (; k < k_dim; ++k) {
-    int32_t v = static_cast<int32_t>(std::nearbyint(x[k] / s)) + z;
+    int32_t v = static_cast<int32_t>(std::nearbyint(x[k] * inverse)) + z;
     q[k] = static_cast<uint8_t>(std::min<int32_t>(kLevels, std::max<int32_t>(0, v)));
   }
   *scale = s;
