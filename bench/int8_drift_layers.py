@@ -29,7 +29,8 @@ def quantize_except(keep: list[str], weights_int8: bool):
         def visit(tree, path):
             if isinstance(tree, dict):
                 kernel = tree.get("kernel")
-                if set(tree) == {"kernel", "bias"} and np.ndim(kernel) == 2 and packed_dot.packs(np.shape(kernel)[1], lanes):
+                dense = set(tree) == {"kernel", "bias"} and np.ndim(kernel) == 2
+                if dense and packed_dot.packs(np.shape(kernel)[1], lanes):
                     if any(part in "/".join(path) for part in keep):
                         q, scale = int8.quantize_kernel(kernel)
                         kept = q.astype(np.float32) * scale if weights_int8 else np.asarray(kernel, np.float32)
@@ -59,7 +60,8 @@ def main() -> None:
     fp32 = Classifier.from_pretrained(args.model)
     ids = fp32.encode(texts)
     reference = fp32.logits_of_ids(ids)
-    print(json.dumps({"what": "meta", **cpu_facts(), "texts": len(texts), "levels": packed_dot.int8_levels()}), flush=True)
+    print(json.dumps({"what": "meta", **cpu_facts(), "texts": len(texts), "levels": packed_dot.int8_levels()}),
+          flush=True)
     int8.Int8Dense.__call__ = call
     try:
         for keep in args.keep:
@@ -67,9 +69,9 @@ def main() -> None:
             for weights_int8 in ([False, True] if parts else [False]):
                 int8.quantize_params = quantize_except(parts, weights_int8)
                 drift = np.abs(Classifier.from_pretrained(args.model, dtype="int8").logits_of_ids(ids) - reference)
-                print(json.dumps({"what": "drift", "kept": parts, "kept_as": "int8 weights, float32 rows" if weights_int8
-                                  else "float32", "max": round(float(drift.max()), 5),
-                                  "mean": round(float(drift.mean()), 5)}), flush=True)
+                kept_as = "int8 weights, float32 rows" if weights_int8 else "float32"
+                figures = {"max": round(float(drift.max()), 5), "mean": round(float(drift.mean()), 5)}
+                print(json.dumps({"what": "drift", "kept": parts, "kept_as": kept_as, **figures}), flush=True)
     finally:
         int8.quantize_params, int8.Int8Dense.__call__ = PRODUCT_QUANTIZE, PRODUCT_CALL
 

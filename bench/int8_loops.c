@@ -41,7 +41,8 @@ static int32_t out[6][16];
   }
 
 SWEEP(maddubs_127, 4, {
-  __m256i a = _mm256_load_si256((const __m256i*)(w8[0] + 8 * k)), b = _mm256_load_si256((const __m256i*)(w8[1] + 8 * k));
+  __m256i a = _mm256_load_si256((const __m256i*)(w8[0] + 8 * k));
+  __m256i b = _mm256_load_si256((const __m256i*)(w8[1] + 8 * k));
   for (int r = 0; r < ROWS; ++r) {
     __m256i x = _mm256_set1_epi32(*(const int32_t*)(xu[r] + k));
     acc0[r] = _mm256_add_epi32(acc0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(x, a), ones));
@@ -49,7 +50,8 @@ SWEEP(maddubs_127, 4, {
   }
 })
 SWEEP(sign_trick_255, 4, {
-  __m256i a = _mm256_load_si256((const __m256i*)(w8[0] + 8 * k)), b = _mm256_load_si256((const __m256i*)(w8[1] + 8 * k));
+  __m256i a = _mm256_load_si256((const __m256i*)(w8[0] + 8 * k));
+  __m256i b = _mm256_load_si256((const __m256i*)(w8[1] + 8 * k));
   for (int r = 0; r < ROWS; ++r) {
     __m256i s = _mm256_set1_epi32(*(const int32_t*)(xs[r] + k)), x = _mm256_set1_epi32(*(const int32_t*)(xa[r] + k));
     acc0[r] = _mm256_add_epi32(acc0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_sign_epi8(a, s)), ones));
@@ -78,7 +80,8 @@ static void quantize(int kind) {  // 0: division, 1: product, 2: product, 32 val
     if (kind == 2) {
       for (int k = 0; k < K; k += 32) {
         __m256i v[4];
-        for (int i = 0; i < 4; ++i) v[i] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * i), d)), z);
+        for (int i = 0; i < 4; ++i)
+          v[i] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * i), d)), z);
         __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
         bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i*)(levels + m * K + k), _mm256_min_epu8(bytes, _mm256_set1_epi8(127)));

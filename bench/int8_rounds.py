@@ -21,7 +21,8 @@ from bench.cpu_peers import cpu_facts, fair_batches, ort_session, read_texts
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", required=True, help="a bench.cpu_peers run's folder (model_fused_int8.onnx, the HF model)")
+    parser.add_argument("--work", required=True,
+                        help="a bench.cpu_peers run's folder (model_fused_int8.onnx, the HF model)")
     parser.add_argument("--texts", required=True)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--pack", action="store_true", help="flaxsst packs several texts a row")
@@ -53,9 +54,9 @@ def main() -> None:
         print(json.dumps({"what": "texts", "runner": name, "best": round(min(values), 3),
                           "median": round(float(np.median(values)), 3)}), flush=True)
     peers = [name for name in runs if name.startswith("ort")]
-    print(json.dumps({"what": "ratio", "best": round(min(seconds["flaxsst_int8"]) / min(min(seconds[p]) for p in peers), 3),
-                      "median": round(float(np.median(seconds["flaxsst_int8"]) / min(np.median(seconds[p]) for p in peers)), 3)}),
-          flush=True)
+    best = min(seconds["flaxsst_int8"]) / min(min(seconds[p]) for p in peers)
+    median = np.median(seconds["flaxsst_int8"]) / min(np.median(seconds[p]) for p in peers)
+    print(json.dumps({"what": "ratio", "best": round(float(best), 3), "median": round(float(median), 3)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -350,7 +350,8 @@ static inline void Levels(const float* x, float inverse, int32_t z, uint8_t* q) 
     v[i] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), scale)), zero);
   __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
   bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_min_epu8(bytes, _mm256_set1_epi8(static_cast<char>(kLevels))));
+  bytes = _mm256_min_epu8(bytes, _mm256_set1_epi8(static_cast<char>(kLevels)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
 }
 #endif
 
@@ -383,7 +384,8 @@ static void QuantizeRow(const float* x, int64_t k_dim, uint8_t* q, float* scale,
   int32_t z = std::min<int32_t>(kLevels, std::max<int32_t>(0, static_cast<int32_t>(std::nearbyint(-lo / s))));
   const float inverse = 1.0f / s;
   k = 0;
-  for (; k + kLevelsBlock <= k_dim; k += kLevelsBlock) Levels(x + k, inverse, z, q + k);  // vcvtps2dq rounds to even, as nearbyint
+  // vcvtps2dq rounds to even, as nearbyint
+  for (; k + kLevelsBlock <= k_dim; k += kLevelsBlock) Levels(x + k, inverse, z, q + k);
   for (; k < k_dim; ++k) {
     int32_t v = static_cast<int32_t>(std::nearbyint(x[k] * inverse)) + z;
     q[k] = static_cast<uint8_t>(std::min<int32_t>(kLevels, std::max<int32_t>(0, v)));
