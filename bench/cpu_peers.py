@@ -119,6 +119,22 @@ def export_onnx(reference, ids: list[list[int]], path: str) -> None:
                       opset_version=17, dynamo=False)
 
 
+def fused_int8(onnx_path: str) -> str:
+    """Beside ``onnx_path`` (``X.onnx``): ``X_fused.onnx``, ONNX Runtime's BERT fusions of it, and
+    ``X_fused_int8.onnx``, that quantized by ``quantize_dynamic`` (int8 weights): the int8 model a careful
+    user builds. -> the int8 model's path."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    stem = onnx_path.removesuffix(".onnx")
+    optimize_model(onnx_path, model_type="bert", num_heads=12, hidden_size=768).save_model_to_file(f"{stem}_fused.onnx")
+    # the fused graph's com.microsoft ops leave ONNX's shape inference without types: float32 is what they carry
+    quantize_dynamic(f"{stem}_fused.onnx", f"{stem}_fused_int8.onnx", weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return f"{stem}_fused_int8.onnx"
+
+
 def ort_session(path: str, threads: int):
     """An ONNX Runtime CPU session as a careful user sets one up: ``threads`` intra-op threads, every graph
     optimization."""
@@ -285,18 +301,7 @@ def main() -> None:
 
     onnx_path = f"{work}/model.onnx"
     export_onnx(reference, ids, onnx_path)
-
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    fused = optimize_model(onnx_path, model_type="bert", num_heads=12, hidden_size=768)
-    fused.save_model_to_file(f"{work}/model_fused.onnx")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    import onnx
-
-    # the fused graph's com.microsoft ops leave ONNX's shape inference without types: float32 is what they carry
-    quantize_dynamic(f"{work}/model_fused.onnx", f"{work}/model_fused_int8.onnx", weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    fused_int8(onnx_path)
     sessions = {"ort_fp32": ort_session(onnx_path, args.threads),
                 "ort_fused_fp32": ort_session(f"{work}/model_fused.onnx", args.threads),
                 "ort_fused_int8": ort_session(f"{work}/model_fused_int8.onnx", args.threads)}
