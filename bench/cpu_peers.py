@@ -128,7 +128,8 @@ def fused_int8(onnx_path: str) -> str:
     from onnxruntime.transformers.optimizer import optimize_model
 
     stem = onnx_path.removesuffix(".onnx")
-    optimize_model(onnx_path, model_type="bert", num_heads=12, hidden_size=768).save_model_to_file(f"{stem}_fused.onnx")
+    fused = optimize_model(onnx_path, model_type="bert", num_heads=12, hidden_size=768)
+    fused.save_model_to_file(f"{stem}_fused.onnx")
     # the fused graph's com.microsoft ops leave ONNX's shape inference without types: float32 is what they carry
     quantize_dynamic(f"{stem}_fused.onnx", f"{stem}_fused_int8.onnx", weight_type=QuantType.QInt8,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})

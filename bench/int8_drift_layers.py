@@ -25,20 +25,19 @@ PRODUCT_CALL = int8.Int8Dense.__call__
 
 
 def quantize_except(keep: list[str], weights_int8: bool):
+    """``quantize_params`` as the product does it, then the layers whose path holds a part of ``keep`` back
+    in float (their float32 kernel, or its int8 levels times their scales)."""
     def quantize(params: dict, lanes: int) -> dict:
-        def visit(tree, path):
-            if isinstance(tree, dict):
-                kernel = tree.get("kernel")
-                dense = set(tree) == {"kernel", "bias"} and np.ndim(kernel) == 2
-                if dense and packed_dot.packs(np.shape(kernel)[1], lanes):
-                    if any(part in "/".join(path) for part in keep):
-                        q, scale = int8.quantize_kernel(kernel)
-                        kept = q.astype(np.float32) * scale if weights_int8 else np.asarray(kernel, np.float32)
-                        return {"kernel": kept, "bias": np.asarray(tree["bias"], np.float32)}
-                    return PRODUCT_QUANTIZE({"layer": tree}, lanes)["layer"]
-                return {name: visit(child, path + (name,)) for name, child in tree.items()}
-            return tree
-        return visit(params, ())
+        def visit(original, done, path):
+            kept_out = any(part in "/".join(path) for part in keep)
+            if not isinstance(done, dict) or ("kernel_scale" in done and not kept_out):
+                return done
+            if "kernel_scale" in done:
+                q, scale = int8.quantize_kernel(original["kernel"])
+                kept = q.astype(np.float32) * scale if weights_int8 else np.asarray(original["kernel"], np.float32)
+                return {"kernel": kept, "bias": np.asarray(original["bias"], np.float32)}
+            return {name: visit(original[name], child, path + (name,)) for name, child in done.items()}
+        return visit(params, PRODUCT_QUANTIZE(params, lanes), ())
     return quantize
 
 
