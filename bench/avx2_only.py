@@ -66,9 +66,10 @@ def main() -> None:
     env["LD_PRELOAD"] = " ".join(filter(None, [str(build(work)), os.environ.get("LD_PRELOAD")]))
     check = ("import ctypes, sys\n"
              "from flaxsst import packed_dot\n"
-             "lanes, levels, amx = packed_dot.load(build=False), packed_dot.int8_levels(), packed_dot.int8_amx()\n"
-             "if (lanes, levels, amx) != (8, 127, False):\n"
-             "    sys.exit(f'avx2_only: the kernel runs {lanes} lanes, {levels} levels, amx {amx}: not the AVX2 build')\n")
+             "lanes, pairs, amx = packed_dot.load(build=False), packed_dot.int8_pairs(), packed_dot.int8_amx()\n"
+             "if (lanes, pairs, amx) != (8, True, False):\n"
+             "    sys.exit(f'avx2_only: the kernel runs {lanes} lanes, int16 pairs {pairs}, amx {amx}: '\n"
+             "             'not the AVX2 build')\n")
     subprocess.run([sys.executable, "-c", check], env=env, check=True)
     try:
         sys.exit(subprocess.run(command, env=env).returncode)

@@ -48,10 +48,12 @@ def main() -> None:
         dot = lambda x, w: packed_dot.packed_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))  # noqa: E731
         kinds["packed"] = (chain(dot), packed, {})
     if packed_dot.int8_levels():
-        quantized = [{name: int8.prepare(w, lanes) for name, w in layer.items()} for layer in layers]
+        pairs = packed_dot.int8_pairs()
+        quantized = [{name: int8.prepare(w, lanes, pairs) for name, w in layer.items()} for layer in layers]
         kinds["int8"] = (chain(lambda x, w: int8.int8_dot(x, *w)), jax.device_put(quantized), {})
     print(json.dumps({"what": "meta", "jax": jax.__version__, "packed_lanes": lanes,
-                      "int8_levels": packed_dot.int8_levels(), "int8_amx": packed_dot.int8_amx()}), flush=True)
+                      "int8_levels": packed_dot.int8_levels(), "int8_pairs": packed_dot.int8_pairs(),
+                      "int8_amx": packed_dot.int8_amx()}), flush=True)
     for rows in args.rows:
         x = jax.device_put(rng.standard_normal((rows, 768)).astype(np.float32))
         programs = {name: (jax.jit(fn, compiler_options=options).lower(w, x).compile(), w)

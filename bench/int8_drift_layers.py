@@ -27,17 +27,17 @@ PRODUCT_CALL = int8.Int8Dense.__call__
 def quantize_except(keep: list[str], weights_int8: bool):
     """``quantize_params`` as the product does it, then the layers whose path holds a part of ``keep`` back
     in float (their float32 kernel, or its int8 levels times their scales)."""
-    def quantize(params: dict, lanes: int) -> dict:
+    def quantize(params: dict, lanes: int, pairs: bool = False) -> dict:
         def visit(original, done, path):
             kept_out = any(part in "/".join(path) for part in keep)
             if not isinstance(done, dict) or ("kernel_scale" in done and not kept_out):
                 return done
             if "kernel_scale" in done:
-                q, scale = int8.quantize_kernel(original["kernel"])
+                q, scale = int8.quantize_kernel(original["kernel"], pairs)
                 kept = q.astype(np.float32) * scale if weights_int8 else np.asarray(original["kernel"], np.float32)
                 return {"kernel": kept, "bias": np.asarray(original["bias"], np.float32)}
             return {name: visit(original[name], child, path + (name,)) for name, child in done.items()}
-        return visit(params, PRODUCT_QUANTIZE(params, lanes), ())
+        return visit(params, PRODUCT_QUANTIZE(params, lanes, pairs), ())
     return quantize
 
 
@@ -59,7 +59,8 @@ def main() -> None:
     fp32 = Classifier.from_pretrained(args.model)
     ids = fp32.encode(texts)
     reference = fp32.logits_of_ids(ids)
-    print(json.dumps({"what": "meta", **cpu_facts(), "texts": len(texts), "levels": packed_dot.int8_levels()}),
+    print(json.dumps({"what": "meta", **cpu_facts(), "texts": len(texts), "levels": packed_dot.int8_levels(),
+                      "pairs": packed_dot.int8_pairs()}),
           flush=True)
     int8.Int8Dense.__call__ = call
     try:

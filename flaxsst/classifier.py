@@ -362,7 +362,7 @@ def cpu_dense_layers(dtype: Any, params: dict, backend: str, build_kernel: bool)
         elif not packed_dot.int8_levels(build=build_kernel):
             log.warning("dtype int8 runs float32 here: its kernel needs AVX2 (or AVX-512BW)")
         else:
-            quantized = int8.quantize_params(params, lanes)
+            quantized = int8.quantize_params(params, lanes, packed_dot.int8_pairs(build=build_kernel))
             if any(np.dtype(leaf.dtype) == np.int8 for leaf in jax.tree_util.tree_leaves(quantized)):
                 return dataclasses.replace(precision, int8_lanes=lanes), quantized
             log.warning("dtype int8 runs float32 here: no dense layer of this model has outputs a multiple of %d",

@@ -64,7 +64,7 @@ def cpu_flags() -> str:
 
 _LOCK = threading.Lock()
 _WHY_NOT: list[str] = []  # why load() returned None, latest last
-_INT8 = {"levels": 0, "amx": False}  # the loaded kernel's int8 dot
+_INT8 = {"levels": 0, "pairs": False, "amx": False}  # the loaded kernel's int8 dot
 
 
 def load(build: bool = True) -> int | None:
@@ -104,7 +104,7 @@ def _load(build: bool) -> int | None:
         levels = int(lib.flaxsst_int8_dot_levels())
         if levels:
             jax.ffi.register_ffi_target(INT8_TARGET, jax.ffi.pycapsule(lib.flaxsst_int8_dot), platform="cpu")
-        _INT8.update(levels=levels, amx=bool(lib.flaxsst_int8_dot_amx()))
+        _INT8.update(levels=levels, pairs=bool(lib.flaxsst_int8_dot_pairs()), amx=bool(lib.flaxsst_int8_dot_amx()))
     except subprocess.CalledProcessError as e:
         last = (e.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
         return _unavailable(logging.WARNING, f"compiling {SOURCE} failed ({last[0]})")
@@ -125,9 +125,15 @@ def unavailable_reason() -> str:
 
 
 def int8_levels(build: bool = True) -> int:
-    """The levels the int8 dot quantizes an input row to (255 with VNNI, 127 with AVX2's or AVX-512BW's
-    ``vpmaddubsw``), registering it as ``load(build)`` does; 0 where it cannot run here."""
+    """The levels the int8 dot quantizes an input row to (255), registering it as ``load(build)`` does; 0 where
+    it cannot run here."""
     return _INT8["levels"] if load(build) else 0
+
+
+def int8_pairs(build: bool = True) -> bool:
+    """Whether the int8 dot sums two products in int16 here (AVX2's or AVX-512BW's ``vpmaddubsw``, without VNNI),
+    so that its weights are quantized with ``flaxsst.int8.quantize_kernel(pairs=True)``."""
+    return _INT8["pairs"] if load(build) else False
 
 
 def int8_amx(build: bool = True) -> bool:

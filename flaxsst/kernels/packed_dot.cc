@@ -239,17 +239,17 @@ static ffi::Error PackedDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 }
 
 // int8: y[M, N] = x[M, K] @ W with W quantized per output column (int8 in [-127, 127], w = q * scale[n]) and
-// each row of x quantized at run time to unsigned levels with its own scale and zero point (zero exact):
+// each row of x quantized at run time to 255 unsigned levels with its own scale and zero point (zero exact):
 // y[m, n] = (sum_k xq[m, k] q[k, n] - zero[m] * sum_k q[k, n]) * (xscale[m] * scale[n]), summed in int32.
 // W is packed in panels of LANES columns as groups of 4 k: panel p holds K/4 blocks of LANES x 4 int8, the
 // 4 consecutive k of one column together, as vpdpbusd multiplies and sums them.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 using IVec = __m512i;
 #if defined(__AVX512VNNI__)
-constexpr int kLevels = 255;  // vpdpbusd sums u8 x s8 products in int32: no overflow
+constexpr bool kPairsInt16 = false;  // vpdpbusd sums u8 x s8 products in int32: no overflow
 static inline IVec Dot4(IVec acc, IVec x, IVec w) { return _mm512_dpbusd_epi32(acc, x, w); }
 #else
-constexpr int kLevels = 127;  // vpmaddubsw sums two u8 x s8 products in int16: 2 * 127 * 127 fits
+constexpr bool kPairsInt16 = true;  // vpmaddubsw sums two u8 x s8 products in int16 (see flaxsst_int8_dot_pairs)
 static inline IVec Dot4(IVec acc, IVec x, IVec w) {
   return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(x, w), _mm512_set1_epi16(1)));
 }
@@ -264,10 +264,10 @@ static inline Vec Dequantize(IVec acc, int32_t zero, const int32_t* sums, Vec sc
 #elif defined(__AVX2__) && !defined(__AVX512F__)
 using IVec = __m256i;
 #if defined(__AVXVNNI__)
-constexpr int kLevels = 255;
+constexpr bool kPairsInt16 = false;
 static inline IVec Dot4(IVec acc, IVec x, IVec w) { return _mm256_dpbusd_avx_epi32(acc, x, w); }
 #else
-constexpr int kLevels = 127;  // vpmaddubsw sums two u8 x s8 products in int16: 2 * 127 * 127 fits
+constexpr bool kPairsInt16 = true;
 static inline IVec Dot4(IVec acc, IVec x, IVec w) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
 }
@@ -282,11 +282,22 @@ static inline Vec Dequantize(IVec acc, int32_t zero, const int32_t* sums, Vec sc
 }
 #else
 #define FLAXSST_NO_INT8
-constexpr int kLevels = 0;
+constexpr bool kPairsInt16 = false;
 #endif
 
-// The levels a row of x is quantized to (255, or 127 where products sum in int16), 0 where no int8 kernel runs.
+#if defined(FLAXSST_NO_INT8)
+constexpr int kLevels = 0;
+#else
+constexpr int kLevels = 255;
+#endif
+
+// The levels a row of x is quantized to (255), 0 where no int8 kernel runs.
 extern "C" int flaxsst_int8_dot_levels() { return kLevels; }
+
+// 1 where vpmaddubsw sums two products, of k = 2i and 2i + 1, in int16 (saturating): the weights' levels then
+// keep 255 * (the positive levels' sum of each such pair, or the negative ones') within int16, which
+// flaxsst.int8.quantize_kernel(pairs=True) does by scaling each column to its largest pair's sum of one sign.
+extern "C" int flaxsst_int8_dot_pairs() { return kPairsInt16 ? 1 : 0; }
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__)
 // AMX-INT8: a 2x2 block of 16x16 int32 tiles, rows of x (u8) against a pair of panels (s8), 64 k a step.
@@ -340,7 +351,7 @@ static inline void Levels(const float* x, float inverse, int32_t z, uint8_t* q) 
 static inline Vec VMin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
 static inline Vec VMax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 // 32 values at once: AVX2 has no int32 -> int8 store, so four vectors narrow together by saturating packs (which
-// clamp below 0 and above 255) and one dword permutation puts the 128-bit lanes' bytes back in order
+// clamp to [0, 255], the levels) and one dword permutation puts the 128-bit lanes' bytes back in order
 constexpr int kLevelsBlock = 32;
 static inline void Levels(const float* x, float inverse, int32_t z, uint8_t* q) {
   const __m256 scale = _mm256_set1_ps(inverse);
@@ -350,7 +361,6 @@ static inline void Levels(const float* x, float inverse, int32_t z, uint8_t* q) 
     v[i] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), scale)), zero);
   __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
   bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  bytes = _mm256_min_epu8(bytes, _mm256_set1_epi8(static_cast<char>(kLevels)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
 }
 #endif
