@@ -38,8 +38,8 @@ def quantize_kernel(kernel: Any, pairs: bool = False) -> tuple[np.ndarray, np.nd
     if not kernel.size:
         return np.zeros(kernel.shape, np.int8), np.ones(kernel.shape[1], np.float32)
     if pairs:
-        even = np.pad(kernel, ((0, kernel.shape[0] % 2), (0, 0))).reshape(-1, 2, kernel.shape[1])
-        positive, negative = np.maximum(even, 0).sum(axis=1), np.minimum(even, 0).sum(axis=1)
+        paired = np.pad(kernel, ((0, kernel.shape[0] % 2), (0, 0))).reshape(-1, 2, kernel.shape[1])  # [K/2, 2, N]
+        positive, negative = np.maximum(paired, 0).sum(axis=1), np.minimum(paired, 0).sum(axis=1)
         bound = np.maximum(positive.max(axis=0), -negative.min(axis=0))
     else:
         bound = np.abs(kernel).max(axis=0)

@@ -1,6 +1,7 @@
 """flaxsst.int8: the quantization and the packed order worked by hand, the FFI int8 dot against numpy's
 integer product, the int8 Classifier against transformers with int8 linears written here in numpy, the
-AVX2 build (products summed two by two in int16), the float32 fall-back, and --dtype int8 through the predict command and the server."""
+AVX2 build (products summed two by two in int16), the float32 fall-back, and --dtype int8 through the predict
+command and the server."""
 
 import concurrent.futures
 import json
